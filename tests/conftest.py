@@ -1,0 +1,134 @@
+"""Shared test fixtures: generated images and a real aiohttp server on 127.0.0.1.
+
+The server runs in a background thread with its own event loop, so stages under test (which
+start their own loops) and subprocesses can talk to it. Every handler that stalls is bounded in
+time; the server only ever listens on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import struct
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+from aiohttp import web
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_image(width: int, height: int, fmt: str = "JPEG", seed: int = 0, **save: object) -> bytes:
+    """A deterministic test picture: a gradient with a few shapes, encoded as ``fmt``."""
+    mode = "RGBA" if fmt == "PNG" and save.pop("alpha", False) else "RGB"
+    image = Image.linear_gradient("L").resize((width, height)).convert(mode)
+    draw = ImageDraw.Draw(image)
+    for i in range(4):
+        x0 = (seed * 37 + i * 53) % max(1, width)
+        y0 = (seed * 11 + i * 71) % max(1, height)
+        draw.rectangle(
+            [x0, y0, x0 + width // 4, y0 + height // 4], fill=(i * 60, 255 - i * 50, seed % 255)
+        )
+    out = io.BytesIO()
+    image.save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels but carries no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LoopbackServer:
+    """An aiohttp server on 127.0.0.1 in a thread; counts the requests each path receives."""
+
+    def __init__(self) -> None:
+        self.app = web.Application(middlewares=[self._count])
+        self.hits: Counter[str] = Counter()
+        self.bytes_sent: Counter[str] = Counter()
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.delay_s = 0.0  # added to every /img/ response
+        self.fail_with: dict[str, int] = {}  # /img/ name -> HTTP status to answer instead
+        self._lock = threading.Lock()
+        self.app.router.add_get("/img/{name}", self._serve_file)
+
+    def route(self, path: str, handler: Handler) -> None:
+        self.app.router.add_get(path, handler)
+
+    def add_file(self, name: str, data: bytes, content_type: str = "image/jpeg") -> str:
+        """Serve ``data`` at ``/img/<name>``; return its full URL."""
+        self.files[name] = (data, content_type)
+        return self.url(f"/img/{name}")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def total_hits(self, prefix: str = "/") -> int:
+        with self._lock:
+            return sum(n for path, n in self.hits.items() if path.startswith(prefix))
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        with self._lock:
+            self.hits[request.path] += 1
+        return await handler(request)
+
+    async def _serve_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.files:
+            raise web.HTTPNotFound()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if name in self.fail_with:
+            return web.Response(status=self.fail_with[name])
+        data, content_type = self.files[name]
+        return web.Response(body=data, content_type=content_type)
+
+    def __enter__(self) -> LoopbackServer:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def start() -> None:
+            self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=1)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = self._runner.addresses[0][1]
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(start())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        assert ready.wait(10), "test server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def server() -> Iterator[LoopbackServer]:
+    with LoopbackServer() as s:
+        yield s

@@ -1,0 +1,5 @@
+"""`python -m vlmdata` runs the CLI."""
+
+from vlmdata.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""Labels stage: taxonomy, zero-shot classification over cached CLIP embeddings, label reports."""

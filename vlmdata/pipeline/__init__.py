@@ -1,0 +1,1 @@
+"""Image pipeline: URL sources, async fetching, image checks, shard I/O and the download stage."""

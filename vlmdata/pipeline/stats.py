@@ -1,0 +1,131 @@
+"""Run statistics: the live progress bar, the early failure warning, totals across shards and
+the summary printed at the end of a run."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from vlmdata.pipeline.shards import SUCCESS
+
+EARLY_WARNING_ROWS = 1000  # judge the failure rate once this many rows are done
+EARLY_WARNING_FAILURE_RATE = 0.5
+
+
+def merge_stats(shard_stats: list[dict]) -> dict:
+    """Totals over shard stats: rows, counts by status and error kind, bytes, shards."""
+    status: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for stats in shard_stats:
+        status.update(stats["status"])
+        errors.update(stats["error_kind"])
+    return {
+        "shards": len(shard_stats),
+        "rows": sum(s["rows"] for s in shard_stats),
+        "status": dict(status.most_common()),
+        "error_kind": dict(errors.most_common()),
+        "bytes": sum(s["bytes"] for s in shard_stats),
+    }
+
+
+class RunProgress:
+    """Counts rows as they finish, drives the tqdm bar and warns early when most fail."""
+
+    def __init__(self, total: int | None, quiet: bool, unit: str = "url") -> None:
+        self.bar = tqdm(
+            total=total, unit=unit, disable=quiet, dynamic_ncols=True, smoothing=0.1,
+            file=sys.stderr,
+        )  # fmt: skip
+        self.status: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.bytes = 0
+        self.started = time.monotonic()
+        self._warned = False
+        self._next_postfix = 0.0
+
+    def skip(self, rows: int) -> None:
+        """Advance over rows finished by an earlier run."""
+        self.bar.update(rows)
+
+    def record(self, record: dict) -> None:
+        self.status[record["status"]] += 1
+        if record["error_kind"]:
+            self.errors[record["error_kind"]] += 1
+        if record["status"] == SUCCESS:
+            self.bytes += record["bytes"] or 0
+        self.bar.update(1)
+        now = time.monotonic()
+        if now >= self._next_postfix:  # a postfix per row would cost more than the row
+            done = sum(self.status.values())
+            self.bar.set_postfix(ok=f"{self.status[SUCCESS] / done:.0%}", refresh=False)
+            self._next_postfix = now + 0.5
+        self._maybe_warn()
+
+    def _maybe_warn(self) -> None:
+        done = sum(self.status.values())
+        if self._warned or done < EARLY_WARNING_ROWS:
+            return
+        self._warned = True
+        failed = done - self.status[SUCCESS]
+        if failed / done > EARLY_WARNING_FAILURE_RATE:
+            top = ", ".join(f"{kind} {n}" for kind, n in self.errors.most_common(3))
+            self.bar.write(
+                f"warning: {failed} of the first {done} rows failed (top errors: {top}); "
+                "check the network, --timeout and the URL column",
+                file=sys.stderr,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class RunSummary:
+    """What a stage run did: totals over all shards, and this run's own work and rates."""
+
+    output_dir: str
+    totals: dict
+    elapsed_s: float = 0.0
+    rows_this_run: int = 0
+    images_this_run: int = 0
+    bytes_this_run: int = 0
+    nothing_to_do: bool = False
+    retried: int = 0
+    this_run_status: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_this_run / self.elapsed_s if self.elapsed_s else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_this_run / 1e6 / self.elapsed_s if self.elapsed_s else 0.0
+
+    def format(self) -> str:
+        """A human-readable end-of-run report."""
+        totals = self.totals
+        rows = totals["rows"]
+        if self.nothing_to_do:
+            return (
+                f"Nothing to do: all {totals['shards']} shards ({rows} rows) in "
+                f"{self.output_dir} are complete. Use --retry-failed to re-attempt retryable "
+                "failures."
+            )
+        lines = [f"{rows} rows in {totals['shards']} shards -> {self.output_dir}"]
+        for status, n in totals["status"].items():
+            lines.append(f"  {status:<20} {n:>10}  ({n / rows:.1%})" if rows else f"  {status}")
+        if totals["error_kind"]:
+            kinds = ", ".join(f"{k} {n}" for k, n in totals["error_kind"].items())
+            lines.append(f"  errors: {kinds}")
+        if self.retried:
+            lines.append(f"  re-attempted {self.retried} retryable failures")
+        lines.append(
+            f"this run: {self.rows_this_run} rows, {self.images_this_run} images, "
+            f"{self.bytes_this_run / 1e6:.1f} MB in {self.elapsed_s:.1f} s "
+            f"({self.images_per_s:.1f} images/s, {self.mb_per_s:.1f} MB/s)"
+        )
+        return "\n".join(lines)
