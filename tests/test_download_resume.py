@@ -65,26 +65,29 @@ def assert_complete(out: Path, n: int) -> None:
     assert not list(out.glob("*.partial")) and not list(out.glob("*.journal.jsonl"))
 
 
-def cli_args(input: Path, out: Path, *extra: str) -> list[str]:
+def cli_args(input: Path, out: Path, *extra: str, processes: int = 1) -> list[str]:
     return [sys.executable, "-m", "vlmdata", "download", str(input), str(out),
             "--allow-private-network", "--shard-size", str(SHARD),
-            "--concurrency", str(CONCURRENCY), "--processes", "1", "--quiet",
+            "--concurrency", str(CONCURRENCY), "--processes", str(processes), "--quiet",
             *extra]  # fmt: skip
 
 
-def download_cli(input: Path, out: Path, *extra: str) -> subprocess.Popen:
+def download_cli(input: Path, out: Path, processes: int) -> subprocess.Popen:
     return subprocess.Popen(
-        cli_args(input, out, *extra), start_new_session=True, stdout=subprocess.DEVNULL,
+        cli_args(input, out, processes=processes),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
 
 
-def test_sigkill_at_any_moment_then_resume(server, corpus, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigkill_at_any_moment_then_resume(server, corpus, tmp_path, processes):
     server.delay_s = 0.02  # slow enough to be caught mid-run
     out = tmp_path / "out"
     kills = 0
     for threshold in (90, 200):  # kill twice, at different points of the run
-        process = download_cli(corpus, out)
+        process = download_cli(corpus, out, processes)
         deadline = time.monotonic() + 60
         while server.total_hits("/img/") < threshold and process.poll() is None:
             assert time.monotonic() < deadline, "download made no progress"
@@ -95,7 +98,9 @@ def test_sigkill_at_any_moment_then_resume(server, corpus, tmp_path):
         process.wait(10)
     assert kills >= 1
     assert list(out.glob("*.tar.partial")) or list(out.glob("*.journal.jsonl"))  # caught mid-shard
-    finished = subprocess.run(cli_args(corpus, out), capture_output=True, text=True, timeout=120)
+    finished = subprocess.run(
+        cli_args(corpus, out, processes=processes), capture_output=True, text=True, timeout=120
+    )
     assert finished.returncode == 0, finished.stderr
     assert_complete(out, N_URLS)
     assert all(r["status"] == "success" for r in read_rows(out))

@@ -6,7 +6,6 @@ no command pays for another's dependencies.
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -78,8 +77,8 @@ def download(
         int, typer.Option(help="Largest image (width x height) accepted; checked before decoding.")
     ] = 100_000_000,
     processes: Annotated[
-        int, typer.Option(help="Worker processes for decode checks.")
-    ] = os.cpu_count() or 1,
+        int, typer.Option(help="Download processes, each an event loop over whole shards.")
+    ] = 1,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows of the input.")] = None,
     allow_private_network: Annotated[
         bool,

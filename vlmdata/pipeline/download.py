@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
 from aiohttp.abc import AbstractResolver
 
 from vlmdata.errors import UserError
+from vlmdata.pipeline.distributor import Progress, distribute
 from vlmdata.pipeline.fetch import (
     RETRYABLE_KINDS,
     FetchPolicy,
@@ -60,7 +61,7 @@ class DownloadConfig:
     shard_size: int = 10_000
     concurrency: int = 256  # requests in flight
     per_host: int = 16  # requests in flight to one host
-    processes: int = field(default_factory=lambda: os.cpu_count() or 1)  # decode workers
+    processes: int = 1  # download processes, each an event loop over whole shards
     max_pixels: int = 100_000_000  # larger images are refused before decoding
     limit: int | None = None
     retry_failed: bool = False
@@ -95,7 +96,8 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
     """Download every URL of ``config.input`` into shards under ``config.output_dir``.
 
     Resumes an interrupted run; returns at once when the output is already complete.
-    ``resolver`` replaces the system DNS resolver (the SSRF guard still applies).
+    ``resolver`` replaces the system DNS resolver (the SSRF guard still applies); it must be
+    picklable when ``config.processes`` > 1.
     """
     source = UrlSource(
         config.input, config.url_col, config.caption_col, config.keep_cols,
@@ -108,9 +110,39 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
         if not config.retry_failed and root_stats.exists() and read_json(root_stats)["complete"]:
             return RunSummary(str(out), read_json(root_stats), nothing_to_do=True)
         retried = _reopen_retryable_shards(out) if config.retry_failed else 0
-        summary = asyncio.run(_DownloadRun(config, source, out, resolver).run())
-    summary.retried = retried
-    return summary
+        started = time.monotonic()
+        progress = RunProgress(source.total_rows(), config.quiet)
+        try:
+            distribute(
+                partial(download_shards, config, str(out), resolver),
+                pending_shards(source, out, config.shard_size, progress),
+                config.processes,
+                progress,
+            )
+        finally:
+            progress.close()
+        totals = merge_stats([read_json(p) for p in sorted(out.glob("*.stats.json"))])
+        atomic_write_json(root_stats, {**totals, "complete": True})
+    return RunSummary(
+        str(out), totals,
+        elapsed_s=time.monotonic() - started,
+        rows_this_run=sum(progress.status.values()),
+        images_this_run=progress.status[SUCCESS],
+        bytes_this_run=progress.bytes,
+        retried=retried,
+    )  # fmt: skip
+
+
+def pending_shards(
+    source: UrlSource, out: Path, shard_size: int, progress: Progress
+) -> Iterator[Shard]:
+    """The input's shards that are not finished in ``out``; finished ones count as skipped."""
+    for shard in source.shards(shard_size, wanted=lambda i: not ShardFiles(out, f"{i:05d}").done):
+        files = ShardFiles(out, shard.name)
+        if files.done:
+            progress.skip(read_json(files.stats)["rows"])
+        else:
+            yield shard
 
 
 def _reopen_retryable_shards(out: Path) -> int:
@@ -123,148 +155,131 @@ def _reopen_retryable_shards(out: Path) -> int:
     return total
 
 
-class DecoderPool:
-    """Worker processes for image checks, replaced if one dies (a decoder crash or OOM kill
-    must cost one image, not the run)."""
-
-    def __init__(self, processes: int) -> None:
-        self._processes = processes
-        self._pool = self._start()
-
-    def _start(self) -> ProcessPoolExecutor:
-        # spawn: forking a process that runs an event loop and resolver threads is unsafe.
-        return ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context("spawn"))
-
-    async def inspect(self, data: bytes, max_pixels: int) -> ImageInfo:
-        loop = asyncio.get_running_loop()
-        for _ in range(2):
-            pool = self._pool
-            try:
-                return await loop.run_in_executor(pool, inspect_image, data, max_pixels)
-            except BrokenProcessPool:
-                if self._pool is pool:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = self._start()
-        return ImageInfo(
-            error_kind="decoder_crashed", error="the decoder process died on this image"
-        )
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+def download_shards(
+    config: DownloadConfig,
+    out_dir: str,
+    resolver: AbstractResolver | None,
+    shards: Iterator[Shard],
+    progress: Progress,
+) -> None:
+    """One process's share of the run: download ``shards`` on an event loop of its own."""
+    asyncio.run(ShardDownloader(config, Path(out_dir), resolver, progress).run(shards))
 
 
-class _DownloadRun:
-    """One run of the stage over the shards that are not finished yet."""
+class ShardDownloader:
+    """Downloads shards on one event loop, several shards in flight at once.
+
+    The loop only does network I/O. Checking and hashing a body and appending it to the tar
+    run on a few threads (Pillow's header parse, hashlib and file writes release the GIL or
+    are short); a process pool would cost more in pickling 200 KB bodies than the check itself.
+    """
 
     def __init__(
         self,
         config: DownloadConfig,
-        source: UrlSource,
         out: Path,
         resolver: AbstractResolver | None,
+        progress: Progress,
     ) -> None:
         self.config = config
-        self.source = source
         self.out = out
         self.resolver = resolver
-        self.shard_stats: dict[str, dict] = {}
-        self.rows_this_run = 0
+        self.progress = progress
+        # Each of N processes takes 1/N of the global limits.
+        self.concurrency = math.ceil(config.concurrency / config.processes)
+        self.per_host = math.ceil(config.per_host / config.processes)
 
-    async def run(self) -> RunSummary:
-        config = self.config
-        started = time.monotonic()
-        self.progress = RunProgress(self.source.total_rows(), config.quiet)
-        self.decoders = DecoderPool(config.processes)
-        self.limiter = RequestLimiter(config.concurrency, config.per_host)
+    async def run(self, shards: Iterator[Shard]) -> None:
+        self.limiter = RequestLimiter(self.concurrency, self.per_host)
         # Rows started but not yet written: bounds the memory held by bodies and tasks.
-        self.admission = asyncio.Semaphore(2 * config.concurrency)
+        self.admission = asyncio.Semaphore(2 * self.concurrency)
+        self.image_threads = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix="vlmdata-image")
         # Enough shards in flight to keep every request slot busy while one shard waits on
         # its slowest hosts.
-        shard_slots = asyncio.Semaphore(
-            max(4, math.ceil(2 * config.concurrency / config.shard_size) + 1)
-        )
+        in_flight = max(4, math.ceil(2 * self.concurrency / self.config.shard_size) + 1)
+        shard_slots = asyncio.Semaphore(in_flight)
         try:
-            async with open_session(config.fetch, config.concurrency, self.resolver) as session:
-                self.session = session
-                async with asyncio.TaskGroup() as shards_in_flight:
-                    async for shard in self._shards():
-                        files = ShardFiles(self.out, shard.name)
-                        if files.done:
-                            stats = read_json(files.stats)
-                            self.shard_stats[shard.name] = stats
-                            self.progress.skip(stats["rows"])
-                            continue
-                        await shard_slots.acquire()
-                        task = shards_in_flight.create_task(self._process_shard(shard, files))
-                        task.add_done_callback(lambda _: shard_slots.release())
+            async with (
+                open_session(self.config.fetch, self.concurrency, self.resolver) as self.session,
+                asyncio.TaskGroup() as shard_tasks,
+            ):
+                # The shard iterator parses input or waits on a queue: keep it off the loop.
+                while (shard := await asyncio.to_thread(next, shards, None)) is not None:
+                    await shard_slots.acquire()
+                    task = shard_tasks.create_task(self._process_shard(shard))
+                    task.add_done_callback(lambda _: shard_slots.release())
         finally:
-            self.decoders.shutdown()
-            self.progress.close()
-        totals = merge_stats([self.shard_stats[name] for name in sorted(self.shard_stats)])
-        atomic_write_json(self.out / "stats.json", {**totals, "complete": True})
-        return RunSummary(
-            str(self.out), totals,
-            elapsed_s=time.monotonic() - started,
-            rows_this_run=self.rows_this_run,
-            images_this_run=self.progress.status[SUCCESS],
-            bytes_this_run=self.progress.bytes,
-            this_run_status=dict(self.progress.status),
-        )  # fmt: skip
+            self.image_threads.shutdown(wait=True)
 
-    async def _shards(self):
-        """The input's shards, read in a thread so parsing never blocks the event loop."""
-        iterator = self.source.shards(
-            self.config.shard_size,
-            wanted=lambda index: not ShardFiles(self.out, f"{index:05d}").done,
-        )
-        while (shard := await asyncio.to_thread(next, iterator, None)) is not None:
-            yield shard
-
-    async def _process_shard(self, shard: Shard, files: ShardFiles) -> None:
+    async def _process_shard(self, shard: Shard) -> None:
         started = time.monotonic()
-        writer = await asyncio.to_thread(ShardWriter, files)
+        writer = await asyncio.to_thread(ShardWriter, ShardFiles(self.out, shard.name))
         try:
             rows = shard.rows()
             todo = [row for row in rows if row["key"] not in writer.records]
-            self.progress.skip(len(rows) - len(todo))
-            self.rows_this_run += len(todo)
+            if len(todo) < len(rows):
+                self.progress.skip(len(rows) - len(todo))  # recovered from an interrupted run
             # Duplicate URLs within a shard are fetched once and recorded for every row.
             by_url: dict[str | None, list[dict]] = {}
             for row in todo:
                 by_url.setdefault(row["url"], []).append(row)
-            async with asyncio.TaskGroup() as rows_in_flight:
+            async with asyncio.TaskGroup() as row_tasks:
                 for url, group in by_url.items():
                     await self.admission.acquire()
-                    rows_in_flight.create_task(self._download(url, group, writer))
+                    row_tasks.create_task(self._download(url, group, writer))
+            keep_schema = pa.schema(list(shard.table.schema)[2:])  # after url, caption
             keys = [row["key"] for row in rows]
-            stats = await asyncio.to_thread(
-                writer.finish, keys, self.source.keep_schema, time.monotonic() - started
-            )
+            duration = time.monotonic() - started
+            await asyncio.to_thread(writer.finish, keys, keep_schema, duration)
         except BaseException:
             writer.close()
             raise
-        self.shard_stats[shard.name] = stats
 
     async def _download(self, url: str | None, rows: list[dict], writer: ShardWriter) -> None:
         try:
-            result = await fetch_with_deadline(self.session, url, self.config.fetch, self.limiter)
-            info = (
-                await self.decoders.inspect(result.body, self.config.max_pixels)
-                if result.ok
-                else None
-            )
-        except Exception as e:  # a bug must cost this URL, not the run; it shows in the stats
-            result = FetchResult(error_kind="internal_error", error=f"{type(e).__name__}: {e}")
-            info = None
+            try:
+                result = await fetch_with_deadline(
+                    self.session, url, self.config.fetch, self.limiter
+                )
+            except Exception as e:  # a network-stack surprise costs this URL, not the run
+                result = FetchResult(error_kind="internal_error", error=f"{type(e).__name__}: {e}")
+            if result.ok:  # a body to check, hash and store: off the loop
+                records = await asyncio.get_running_loop().run_in_executor(
+                    self.image_threads,
+                    check_and_write,
+                    rows,
+                    result,
+                    writer,
+                    self.config.max_pixels,
+                )
+            else:  # a failure is one journal line: cheaper here than a thread hop
+                records = check_and_write(rows, result, writer, self.config.max_pixels)
         finally:
             self.admission.release()
-        for row in rows:
-            record = make_record(row, result, info)
+        for record in records:
             success = record["status"] == SUCCESS
-            writer.add(
-                record, result.body if success else None, info.extension if success else None
+            self.progress.record(
+                record["status"], record["error_kind"], record["bytes"] if success else 0
             )
-            self.progress.record(record)
+
+
+_IMAGE_THREADS = 2
+
+
+def check_and_write(
+    rows: list[dict], result: FetchResult, writer: ShardWriter, max_pixels: int
+) -> list[dict]:
+    """Check a fetched body once, then record it for every row that asked for its URL."""
+    info = inspect_image(result.body, max_pixels) if result.ok else None
+    records = []
+    for row in rows:
+        record = make_record(row, result, info)
+        if record["status"] == SUCCESS:
+            writer.add(record, result.body, info.extension)
+        else:
+            writer.add(record)
+        records.append(record)
+    return records
 
 
 def make_record(row: dict, result: FetchResult, info: ImageInfo | None) -> dict:

@@ -163,6 +163,7 @@ async def fetch_with_deadline(
     result = FetchResult()
     try:
         target = parse_http_url(url)
+        _check_destination(target, policy)  # junk and private URLs fail without a slot
     except FetchFailure as failure:
         return _failed(result, failure, started)
     for attempt in range(policy.retries + 1):

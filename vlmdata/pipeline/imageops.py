@@ -47,16 +47,18 @@ class ImageInfo:
 
 
 def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
-    """Check that ``data`` decodes as an image no larger than ``max_pixels``; hash it.
+    """Check that ``data`` is an image no larger than ``max_pixels``; hash it.
 
-    JPEGs are decoded at 1/8 scale: every scan is still entropy-decoded, so truncation and
-    corruption are caught, at a fraction of the cost of a full decode.
+    The header is always parsed. Pixels are decoded only when the file's structure looks cut
+    short (no JPEG end marker, no PNG IEND, a RIFF shorter than it declares, ...): a complete
+    structure costs ~0.1 ms to verify, a decode ~2 ms, and downloads are cut far more often
+    than they are corrupted inside an intact file. Decoding stages catch the rest.
     """
-    info = _decode_check(data, max_pixels)
+    info = _check(data, max_pixels)
     return replace(info, sha256=hashlib.sha256(data).hexdigest()) if info.ok else info
 
 
-def _decode_check(data: bytes, max_pixels: int) -> ImageInfo:
+def _check(data: bytes, max_pixels: int) -> ImageInfo:
     if not data:
         return ImageInfo(error_kind="empty", error="empty body")
     try:
@@ -67,9 +69,12 @@ def _decode_check(data: bytes, max_pixels: int) -> ImageInfo:
                     image.format, width, height, "decompression_bomb",
                     f"{width}x{height} exceeds --max-pixels {max_pixels}",
                 )  # fmt: skip
-            if image.format in ("JPEG", "MPO"):
-                image.draft("RGB", (max(1, width // _DRAFT_SCALE), max(1, height // _DRAFT_SCALE)))
-            image.load()
+            if not _looks_complete(image.format, data):
+                if image.format in ("JPEG", "MPO"):  # DCT scaling: every scan, 1/64 the pixels
+                    image.draft(
+                        "RGB", (max(1, width // _DRAFT_SCALE), max(1, height // _DRAFT_SCALE))
+                    )
+                image.load()
             return ImageInfo(image.format, width, height)
     except UnidentifiedImageError:
         return ImageInfo(error_kind="not_an_image", error=f"not an image: {_sniff(data)}")
@@ -78,6 +83,22 @@ def _decode_check(data: bytes, max_pixels: int) -> ImageInfo:
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
         # Pillow's decoders signal broken data with a zoo of exception types.
         return ImageInfo(error_kind="broken_image", error=f"{type(e).__name__}: {e}"[:300])
+
+
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _looks_complete(fmt: str | None, data: bytes) -> bool:
+    """True when the file ends the way a whole file of its format ends."""
+    if fmt in ("JPEG", "MPO"):
+        return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+    if fmt == "PNG":
+        return data[-12:] == _PNG_IEND
+    if fmt == "WEBP":
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    if fmt == "GIF":
+        return data.rstrip(b"\x00")[-1:] == b";"
+    return False
 
 
 def _sniff(data: bytes) -> str:

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import tarfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -149,23 +150,35 @@ class ShardWriter:
         self._recover_tar()
         self._recover_journal()
         self._tar = open(files.partial_tar, "ab")
-        self._journal = open(files.journal, "a", encoding="utf-8")
+        # Unbuffered: each failure is one write(2), on disk (page cache) before the next row.
+        self._journal = open(files.journal, "ab", buffering=0)
+        self._lock = threading.Lock()  # rows finish on several threads
 
     def add(self, record: dict, image: bytes | None = None, extension: str | None = None) -> None:
         """Record one finished row; a success also stores its image, caption and metadata."""
+        key = record["key"]
+        meta = json.dumps(record, ensure_ascii=False)
         if image is not None:
-            key = record["key"]
-            meta = json.dumps(record, ensure_ascii=False).encode()
-            self._tar.write(
-                _tar_member(f"{key}.{extension}", image)
-                + _tar_member(f"{key}.txt", (record.get("caption") or "").encode())
-                + _tar_member(f"{key}.json", meta)
-            )
-            self._tar.flush()
+            caption = (record.get("caption") or "").encode()
+            # Image first, KEY.json last: a sample counts only once its metadata is whole.
+            headers = [
+                _tar_header(f"{key}.{extension}", len(image)),
+                _tar_header(f"{key}.txt", len(caption)),
+                _tar_header(f"{key}.json", len(meta.encode())),
+            ]
+            with self._lock:
+                self._tar.write(headers[0])
+                self._tar.write(image)
+                self._tar.write(
+                    _padding(len(image)) + headers[1] + caption + _padding(len(caption))
+                )
+                self._tar.write(headers[2] + meta.encode() + _padding(len(meta.encode())))
+                self._tar.flush()
+                self.records[key] = record
         else:
-            self._journal.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._journal.flush()
-        self.records[record["key"]] = record
+            with self._lock:
+                self._journal.write((meta + "\n").encode())
+                self.records[key] = record
 
     def finish(self, keys: Iterable[str], keep_schema: pa.Schema, duration_s: float) -> dict:
         """Write the final tar, parquet (rows in ``keys`` order) and stats; return the stats."""
@@ -269,9 +282,13 @@ def shard_stats(name: str, rows: list[dict], duration_s: float) -> dict:
     }
 
 
-def _tar_member(name: str, data: bytes) -> bytes:
+def _tar_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mtime = int(time.time())
     info.mode = 0o644
-    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % _BLOCK)
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % _BLOCK)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -14,6 +14,16 @@ from vlmdata.pipeline.shards import SUCCESS
 
 EARLY_WARNING_ROWS = 1000  # judge the failure rate once this many rows are done
 EARLY_WARNING_FAILURE_RATE = 0.5
+# What to try when one error kind dominates the first rows.
+_HINTS = {
+    "private_address": "pass --allow-private-network if those hosts are yours",
+    "invalid_url": "check that --url-col names the URL column",
+    "timeout": "raise --timeout or lower --concurrency",
+    "dns": "check this machine's DNS and network",
+    "connection": "check this machine's network, or lower --concurrency",
+    "http_429": "lower --per-host: servers are throttling",
+    "opted_out": "the sources opt out of AI use (--ignore-noai overrides)",
+}
 
 
 def merge_stats(shard_stats: list[dict]) -> dict:
@@ -51,12 +61,12 @@ class RunProgress:
         """Advance over rows finished by an earlier run."""
         self.bar.update(rows)
 
-    def record(self, record: dict) -> None:
-        self.status[record["status"]] += 1
-        if record["error_kind"]:
-            self.errors[record["error_kind"]] += 1
-        if record["status"] == SUCCESS:
-            self.bytes += record["bytes"] or 0
+    def record(self, status: str, error_kind: str | None, nbytes: int) -> None:
+        """Count one finished row (``nbytes``: what a success stored)."""
+        self.status[status] += 1
+        if error_kind:
+            self.errors[error_kind] += 1
+        self.bytes += nbytes
         self.bar.update(1)
         now = time.monotonic()
         if now >= self._next_postfix:  # a postfix per row would cost more than the row
@@ -72,10 +82,11 @@ class RunProgress:
         self._warned = True
         failed = done - self.status[SUCCESS]
         if failed / done > EARLY_WARNING_FAILURE_RATE:
-            top = ", ".join(f"{kind} {n}" for kind, n in self.errors.most_common(3))
+            top = self.errors.most_common(3)
+            listed = ", ".join(f"{kind} {n}" for kind, n in top)
+            hint = _HINTS.get(top[0][0], "check the network and the URL list")
             self.bar.write(
-                f"warning: {failed} of the first {done} rows failed (top errors: {top}); "
-                "check the network, --timeout and the URL column",
+                f"warning: {failed} of the first {done} rows failed (top errors: {listed}); {hint}",
                 file=sys.stderr,
             )
 
@@ -95,7 +106,6 @@ class RunSummary:
     bytes_this_run: int = 0
     nothing_to_do: bool = False
     retried: int = 0
-    this_run_status: dict = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
