@@ -56,6 +56,7 @@ def test_help_lists_commands_and_options():
         (["{urls}", "--input-format", "xlsx"], "unknown --input-format"),
         (["{urls}", "--shard-size", "0"], "--shard-size must be at least 1"),
         (["{urls}", "--limit", "0"], "--limit must be at least 1"),
+        (["{urls}", "--timeout", "0"], "--timeout must be a positive"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
@@ -66,6 +67,13 @@ def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output + result.stderr
+
+
+def test_output_that_is_a_file_is_refused(tmp_path):
+    urls = write_urls(tmp_path / "u.parquet", ["http://127.0.0.1/x.jpg"])
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["download", urls, str(tmp_path / "file")])
+    assert result.exit_code == 2 and "is not a directory" in result.stderr
 
 
 def test_user_error_from_a_real_process_has_no_traceback(tmp_path):

@@ -102,6 +102,8 @@ class ShardFiles:
 @contextmanager
 def exclusive_output(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir`` for one run: two runs writing the same shards would corrupt them."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a directory; pass a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "a") as lock:  # "a": the lock never rewrites the file
         try:
