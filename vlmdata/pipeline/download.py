@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
+import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from vlmdata.pipeline.fetch import (
     fetch_with_deadline,
     open_session,
 )
-from vlmdata.pipeline.imageops import ImageInfo, inspect_image
+from vlmdata.pipeline.imageops import ImageResult, SquareOptions, inspect_image, square_image
 from vlmdata.pipeline.shards import (
     FAILED_TO_DECODE,
     FAILED_TO_DOWNLOAD,
@@ -63,6 +66,7 @@ class DownloadConfig:
     per_host: int = 16  # requests in flight to one host
     processes: int = 1  # download processes, each an event loop over whole shards
     max_pixels: int = 100_000_000  # larger images are refused before decoding
+    resize: SquareOptions | None = None  # None: store the original bytes
     limit: int | None = None
     retry_failed: bool = False
     quiet: bool = False
@@ -89,6 +93,7 @@ class DownloadConfig:
             "max_pixels": self.max_pixels,
             "ignore_noai": self.fetch.ignore_noai,
             "allow_private_network": self.fetch.allow_private_network,
+            "resize": asdict(self.resize) if self.resize else None,
         }
 
 
@@ -194,6 +199,10 @@ class ShardDownloader:
         # Rows started but not yet written: bounds the memory held by bodies and tasks.
         self.admission = asyncio.Semaphore(2 * self.concurrency)
         self.image_threads = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix="vlmdata-image")
+        # Decoding and resizing is real CPU work: worker processes, sized to this process's
+        # share of the cores.
+        workers = max(1, (os.cpu_count() or 1) // self.config.processes)
+        self.resize_pool = ImagePool(workers) if self.config.resize else None
         # Enough shards in flight to keep every request slot busy while one shard waits on
         # its slowest hosts.
         in_flight = max(4, math.ceil(2 * self.concurrency / self.config.shard_size) + 1)
@@ -210,6 +219,8 @@ class ShardDownloader:
                     task.add_done_callback(lambda _: shard_slots.release())
         finally:
             self.image_threads.shutdown(wait=True)
+            if self.resize_pool:
+                self.resize_pool.shutdown()
 
     async def _process_shard(self, shard: Shard) -> None:
         started = time.monotonic()
@@ -227,10 +238,11 @@ class ShardDownloader:
                 for url, group in by_url.items():
                     await self.admission.acquire()
                     row_tasks.create_task(self._download(url, group, writer))
-            keep_schema = pa.schema(list(shard.table.schema)[2:])  # after url, caption
+            kept = list(shard.table.schema)[2:]  # the input columns after url and caption
             keys = [row["key"] for row in rows]
             duration = time.monotonic() - started
-            await asyncio.to_thread(writer.finish, keys, keep_schema, duration)
+            schema = pa.schema([*RECORD_SCHEMA, *kept])
+            await asyncio.to_thread(writer.finish, keys, schema, duration)
         except BaseException:
             writer.close()
             raise
@@ -243,17 +255,10 @@ class ShardDownloader:
                 )
             except Exception as e:  # a network-stack surprise costs this URL, not the run
                 result = FetchResult(error_kind="internal_error", error=f"{type(e).__name__}: {e}")
-            if result.ok:  # a body to check, hash and store: off the loop
-                records = await asyncio.get_running_loop().run_in_executor(
-                    self.image_threads,
-                    check_and_write,
-                    rows,
-                    result,
-                    writer,
-                    self.config.max_pixels,
-                )
+            if result.ok:
+                records = await self._store(rows, result, writer)
             else:  # a failure is one journal line: cheaper here than a thread hop
-                records = check_and_write(rows, result, writer, self.config.max_pixels)
+                records = write_records(rows, result, None, writer)
         finally:
             self.admission.release()
         for record in records:
@@ -262,27 +267,82 @@ class ShardDownloader:
                 record["status"], record["error_kind"], record["bytes"] if success else 0
             )
 
+    async def _store(
+        self, rows: list[dict], result: FetchResult, writer: ShardWriter
+    ) -> list[dict]:
+        """Check (or square) a fetched body off the loop, then record it for its rows."""
+        max_pixels = self.config.max_pixels
+        if self.resize_pool is None:  # check, hash and append ~200 KB: one thread hop
+            return await asyncio.get_running_loop().run_in_executor(
+                self.image_threads, check_and_write, rows, result, writer, max_pixels
+            )
+        image = await self.resize_pool.run(
+            square_image, result.body, self.config.resize, max_pixels
+        )
+        return write_records(rows, result, image, writer)  # a small square: cheap to append
+
 
 _IMAGE_THREADS = 2
+
+
+class ImagePool:
+    """Worker processes for image work, replaced if one dies (a decoder crash or an OOM kill
+    must cost one image, not the run)."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        # spawn: forking a process that runs an event loop and threads is unsafe.
+        return ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+
+    async def run(self, fn: Callable[..., ImageResult], *args: object) -> ImageResult:
+        for _ in range(2):
+            pool = self._pool
+            try:
+                return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            except BrokenProcessPool:
+                if self._pool is pool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._start()
+        return ImageResult(
+            status=FAILED_TO_DECODE, error_kind="decoder_crashed",
+            error="the image worker process died on this image",
+        )  # fmt: skip
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_and_write(
     rows: list[dict], result: FetchResult, writer: ShardWriter, max_pixels: int
 ) -> list[dict]:
-    """Check a fetched body once, then record it for every row that asked for its URL."""
-    info = inspect_image(result.body, max_pixels) if result.ok else None
+    """Check a fetched body (stored as is) and record it for every row that asked for it."""
+    return write_records(rows, result, inspect_image(result.body, max_pixels), writer)
+
+
+def write_records(
+    rows: list[dict], result: FetchResult, image: ImageResult | None, writer: ShardWriter
+) -> list[dict]:
+    """Record one fetch outcome for every row that asked for its URL; return the records."""
+    stored = None
+    if image is not None and image.ok:
+        stored = image.data if image.data is not None else result.body
     records = []
     for row in rows:
-        record = make_record(row, result, info)
-        if record["status"] == SUCCESS:
-            writer.add(record, result.body, info.extension)
+        record = make_record(row, result, image, stored)
+        if stored is not None:
+            writer.add(record, stored, image.extension)
         else:
             writer.add(record)
         records.append(record)
     return records
 
 
-def make_record(row: dict, result: FetchResult, info: ImageInfo | None) -> dict:
+def make_record(
+    row: dict, result: FetchResult, image: ImageResult | None, stored: bytes | None
+) -> dict:
     """The status row of one input row: what the parquet holds and KEY.json repeats."""
     record = dict.fromkeys(RECORD_SCHEMA.names)
     record.update(row)
@@ -292,16 +352,16 @@ def make_record(row: dict, result: FetchResult, info: ImageInfo | None) -> dict:
         final_url=result.final_url,
         attempts=result.attempts,
         elapsed_s=round(result.elapsed_s, 4),
-        bytes=len(result.body) if result.body is not None else None,
     )
-    if not result.ok:
+    if not result.ok or image is None:
         record.update(status=FAILED_TO_DOWNLOAD, error_kind=result.error_kind, error=result.error)
-    elif info is not None and not info.ok:
-        record.update(status=FAILED_TO_DECODE, error_kind=info.error_kind, error=info.error)
-    elif info is not None:
-        record.update(
-            status=SUCCESS, sha256=info.sha256, format=info.format,
-            original_width=info.width, original_height=info.height,
-            width=info.width, height=info.height,
-        )  # fmt: skip
+        return record
+    record.update(
+        status=image.status, error_kind=image.error_kind, error=image.error,
+        format=image.format, original_width=image.original_width,
+        original_height=image.original_height, width=image.width, height=image.height,
+        ratio=image.ratio, action=image.action, sha256=image.sha256,
+        # what is stored for a success, what arrived otherwise
+        bytes=len(stored) if stored is not None else len(result.body or b""),
+    )  # fmt: skip
     return record

@@ -30,6 +30,8 @@ from vlmdata.errors import UserError
 SUCCESS = "success"
 FAILED_TO_DOWNLOAD = "failed_to_download"
 FAILED_TO_DECODE = "failed_to_decode"
+FILTERED = "filtered"  # a valid image a rule left out (e.g. --min-side)
+RATIO_BINS = 20  # histogram of min(w, h) / max(w, h) over [0, 1] in every shard's stats
 
 _BLOCK = 512
 
@@ -51,6 +53,8 @@ RECORD_SCHEMA = pa.schema(
         ("original_height", pa.int32()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("ratio", pa.float32()),
+        ("action", pa.string()),
         ("final_url", pa.string()),
         ("attempts", pa.int32()),
         ("elapsed_s", pa.float32()),
@@ -182,14 +186,13 @@ class ShardWriter:
                 self._journal.write((meta + "\n").encode())
                 self.records[key] = record
 
-    def finish(self, keys: Iterable[str], keep_schema: pa.Schema, duration_s: float) -> dict:
+    def finish(self, keys: Iterable[str], schema: pa.Schema, duration_s: float) -> dict:
         """Write the final tar, parquet (rows in ``keys`` order) and stats; return the stats."""
         self._tar.write(b"\0" * (2 * _BLOCK))  # end-of-archive marker
         self._tar.flush()
         os.fsync(self._tar.fileno())
         self._tar.close()
         self._journal.close()
-        schema = pa.schema([*RECORD_SCHEMA, *keep_schema])
         rows = [self.records[key] for key in keys]
         os.replace(self.files.partial_tar, self.files.tar)
         write_parquet_atomic(self.files.parquet, pa.Table.from_pylist(rows, schema=schema))
@@ -273,12 +276,21 @@ def shard_stats(name: str, rows: list[dict], duration_s: float) -> dict:
         status[row["status"]] = status.get(row["status"], 0) + 1
         if row["error_kind"]:
             errors[row["error_kind"]] = errors.get(row["error_kind"], 0) + 1
+    actions: dict[str, int] = {}
+    ratios = [0] * RATIO_BINS
+    for row in rows:
+        if row["status"] == SUCCESS and row.get("ratio") is not None:
+            ratios[min(int(row["ratio"] * RATIO_BINS), RATIO_BINS - 1)] += 1
+        if row.get("action"):
+            actions[row["action"]] = actions.get(row["action"], 0) + 1
     return {
         "shard": name,
         "rows": len(rows),
         "status": status,
         "error_kind": errors,
         "bytes": sum(row["bytes"] or 0 for row in rows if row["status"] == SUCCESS),
+        "action": actions,
+        "ratio_histogram": ratios,
         "duration_s": round(duration_s, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from vlmdata.pipeline.shards import SUCCESS
+from vlmdata.pipeline.shards import RATIO_BINS, SUCCESS
 
 EARLY_WARNING_ROWS = 1000  # judge the failure rate once this many rows are done
 EARLY_WARNING_FAILURE_RATE = 0.5
@@ -30,15 +30,22 @@ def merge_stats(shard_stats: list[dict]) -> dict:
     """Totals over shard stats: rows, counts by status and error kind, bytes, shards."""
     status: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    actions: Counter[str] = Counter()
+    ratios = [0] * RATIO_BINS
     for stats in shard_stats:
         status.update(stats["status"])
         errors.update(stats["error_kind"])
+        actions.update(stats["action"])
+        ratios = [a + b for a, b in zip(ratios, stats["ratio_histogram"], strict=True)]
     return {
         "shards": len(shard_stats),
         "rows": sum(s["rows"] for s in shard_stats),
         "status": dict(status.most_common()),
         "error_kind": dict(errors.most_common()),
         "bytes": sum(s["bytes"] for s in shard_stats),
+        "action": dict(actions.most_common()),
+        # counts of min(w, h) / max(w, h) in RATIO_BINS equal bins over [0, 1]
+        "ratio_histogram": ratios,
     }
 
 
