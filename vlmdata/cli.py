@@ -6,6 +6,8 @@ no command pays for another's dependencies.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -19,6 +21,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+# Options shared by several stages: one definition, one help text.
+ShardSize = Annotated[int, typer.Option(help="Rows (or images) per shard.")]
+MaxPixels = Annotated[
+    int, typer.Option(help="Largest image (width x height) accepted; checked before decoding.")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+PadThreshold = Annotated[
+    float,
+    typer.Option(help="min(w,h)/max(w,h) at or above which the image is cropped, else padded."),
+]
+Fill = Annotated[str, typer.Option(help="Padding and transparency colour as R,G,B.")]
+Format = Annotated[str, typer.Option("--format", help="Output image format: jpg, png or webp.")]
+Quality = Annotated[int, typer.Option(help="JPEG/WebP quality of the squares.")]
+MinSide = Annotated[
+    int, typer.Option(help="Images whose shorter side is below N are recorded as filtered.")
+]
 
 
 def _version(value: bool) -> None:
@@ -36,10 +55,25 @@ def main(
     """vlmdata: download, preprocess, encode, label and train from CapsFusion-scale data."""
 
 
-def fail(message: str) -> typer.Exit:
-    """Print a user error on one line and return the exit to raise (code 2, no traceback)."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
+def run_stage(stage: Callable[[], object]) -> None:
+    """Run a stage and print its summary; a user mistake is one line on stderr and exit 2."""
+    try:
+        summary = stage()
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(summary.format())
+
+
+def square_options(
+    size: int, pad_threshold: float, fill: str, format: str, quality: int, min_side: int
+):
+    from vlmdata.pipeline.imageops import SquareOptions, parse_fill
+
+    return SquareOptions(size, pad_threshold, parse_fill(fill), format, quality, min_side)
 
 
 @app.command()
@@ -61,7 +95,7 @@ def download(
         str | None,
         typer.Option(help="parquet|csv|tsv|jsonl|txt; default: from the file extension."),
     ] = None,
-    shard_size: Annotated[int, typer.Option(help="Rows per shard.")] = 10_000,
+    shard_size: ShardSize = 10_000,
     concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 256,
     per_host: Annotated[int, typer.Option(help="Requests in flight to one host.")] = 16,
     timeout: Annotated[
@@ -73,9 +107,7 @@ def download(
     max_bytes: Annotated[
         int, typer.Option(help="Largest body accepted; reading stops beyond it.")
     ] = 20_000_000,
-    max_pixels: Annotated[
-        int, typer.Option(help="Largest image (width x height) accepted; checked before decoding.")
-    ] = 100_000_000,
+    max_pixels: MaxPixels = 100_000_000,
     processes: Annotated[
         int, typer.Option(help="Download processes, each an event loop over whole shards.")
     ] = 1,
@@ -102,44 +134,94 @@ def download(
         str | None,
         typer.Option(help="Token added to the User-Agent (and matched in X-Robots-Tag)."),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    resize: Annotated[
+        int | None,
+        typer.Option(help="Store SIZE x SIZE crop/pad squares instead of the original bytes."),
+    ] = None,
+    pad_threshold: PadThreshold = 0.6,
+    fill: Fill = "0,0,0",
+    format: Format = "jpg",
+    quality: Quality = 95,
+    min_side: MinSide = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Download a URL list into image shards (tar + parquet + stats), resumably."""
     from vlmdata.pipeline.download import DownloadConfig, run_download
     from vlmdata.pipeline.fetch import FetchPolicy
 
-    try:
-        config = DownloadConfig(
-            input=input,
-            output_dir=output_dir,
-            url_col=url_col,
-            caption_col=caption_col or None,
-            keep_cols=tuple(keep_col or ()),
-            input_format=input_format,
-            shard_size=shard_size,
-            concurrency=concurrency,
-            per_host=per_host,
-            processes=processes,
-            max_pixels=max_pixels,
-            limit=limit,
-            retry_failed=retry_failed,
-            quiet=quiet,
-            fetch=FetchPolicy(
-                timeout=timeout,
-                retries=retries,
-                max_bytes=max_bytes,
-                allow_private_network=allow_private_network,
-                ignore_noai=ignore_noai,
-                user_agent_token=user_agent_token,
-            ),
+    def stage():
+        square = None
+        if resize is not None:
+            square = square_options(resize, pad_threshold, fill, format, quality, min_side)
+        return run_download(
+            DownloadConfig(
+                input=input,
+                output_dir=output_dir,
+                url_col=url_col,
+                caption_col=caption_col or None,
+                keep_cols=tuple(keep_col or ()),
+                input_format=input_format,
+                shard_size=shard_size,
+                concurrency=concurrency,
+                per_host=per_host,
+                processes=processes,
+                max_pixels=max_pixels,
+                resize=square,
+                limit=limit,
+                retry_failed=retry_failed,
+                quiet=quiet,
+                fetch=FetchPolicy(
+                    timeout=timeout,
+                    retries=retries,
+                    max_bytes=max_bytes,
+                    allow_private_network=allow_private_network,
+                    ignore_noai=ignore_noai,
+                    user_agent_token=user_agent_token,
+                ),
+            )
         )
-        summary = run_download(config)
-    except UserError as e:
-        raise fail(str(e)) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
-    typer.echo(summary.format())
+
+    run_stage(stage)
+
+
+@app.command()
+def preprocess(
+    input_dir: Annotated[
+        str,
+        typer.Argument(help="vlmdata or img2dataset shards (*.tar), or a folder of images."),
+    ],
+    output_dir: Annotated[str, typer.Argument(help="Where the square shards go.")],
+    size: Annotated[int, typer.Option(help="Side of the output squares.")] = 448,
+    pad_threshold: PadThreshold = 0.6,
+    fill: Fill = "0,0,0",
+    format: Format = "jpg",
+    quality: Quality = 95,
+    min_side: MinSide = 0,
+    max_pixels: MaxPixels = 100_000_000,
+    shard_size: ShardSize = 10_000,
+    processes: Annotated[
+        int, typer.Option(help="Worker processes, each squaring whole shards.")
+    ] = os.cpu_count() or 1,
+    quiet: Quiet = False,
+) -> None:
+    """Crop or pad every image to a square and resize it (EXIF-oriented, RGB), resumably."""
+    from vlmdata.pipeline.preprocess import PreprocessConfig, run_preprocess
+
+    def stage():
+        square = square_options(size, pad_threshold, fill, format, quality, min_side)
+        return run_preprocess(
+            PreprocessConfig(
+                input_dir=input_dir,
+                output_dir=output_dir,
+                square=square,
+                max_pixels=max_pixels,
+                shard_size=shard_size,
+                processes=processes,
+                quiet=quiet,
+            )
+        )
+
+    run_stage(stage)
 
 
 if __name__ == "__main__":

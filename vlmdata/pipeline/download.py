@@ -41,14 +41,14 @@ from vlmdata.pipeline.shards import (
     SUCCESS,
     ShardFiles,
     ShardWriter,
-    atomic_write_json,
     check_plan,
     exclusive_output,
     read_json,
     reopen_for_retry,
+    unfinished,
 )
 from vlmdata.pipeline.sources import Shard, UrlSource
-from vlmdata.pipeline.stats import RunProgress, RunSummary, merge_stats
+from vlmdata.pipeline.stats import RunProgress, RunSummary, close_run, completed_run
 
 
 @dataclass
@@ -111,43 +111,25 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
     out = Path(config.output_dir)
     with exclusive_output(out):
         check_plan(out, config.plan(source))
-        root_stats = out / "stats.json"
-        if not config.retry_failed and root_stats.exists() and read_json(root_stats)["complete"]:
-            return RunSummary(str(out), read_json(root_stats), nothing_to_do=True)
+        if not config.retry_failed and (done := completed_run(out)):
+            return done
         retried = _reopen_retryable_shards(out) if config.retry_failed else 0
         started = time.monotonic()
         progress = RunProgress(source.total_rows(), config.quiet)
+        # Finished shards come through the reader as empty tables: no row conversion.
+        shards = source.shards(
+            config.shard_size, wanted=lambda i: not ShardFiles(out, f"{i:05d}").done
+        )
         try:
             distribute(
                 partial(download_shards, config, str(out), resolver),
-                pending_shards(source, out, config.shard_size, progress),
+                unfinished(shards, out, progress),
                 config.processes,
                 progress,
             )
         finally:
             progress.close()
-        totals = merge_stats([read_json(p) for p in sorted(out.glob("*.stats.json"))])
-        atomic_write_json(root_stats, {**totals, "complete": True})
-    return RunSummary(
-        str(out), totals,
-        elapsed_s=time.monotonic() - started,
-        rows_this_run=sum(progress.status.values()),
-        images_this_run=progress.status[SUCCESS],
-        bytes_this_run=progress.bytes,
-        retried=retried,
-    )  # fmt: skip
-
-
-def pending_shards(
-    source: UrlSource, out: Path, shard_size: int, progress: Progress
-) -> Iterator[Shard]:
-    """The input's shards that are not finished in ``out``; finished ones count as skipped."""
-    for shard in source.shards(shard_size, wanted=lambda i: not ShardFiles(out, f"{i:05d}").done):
-        files = ShardFiles(out, shard.name)
-        if files.done:
-            progress.skip(read_json(files.stats)["rows"])
-        else:
-            yield shard
+        return close_run(out, progress, started, retried)
 
 
 def _reopen_retryable_shards(out: Path) -> int:
@@ -357,11 +339,8 @@ def make_record(
         record.update(status=FAILED_TO_DOWNLOAD, error_kind=result.error_kind, error=result.error)
         return record
     record.update(
-        status=image.status, error_kind=image.error_kind, error=image.error,
-        format=image.format, original_width=image.original_width,
-        original_height=image.original_height, width=image.width, height=image.height,
-        ratio=image.ratio, action=image.action, sha256=image.sha256,
+        image.record_fields(),
         # what is stored for a success, what arrived otherwise
         bytes=len(stored) if stored is not None else len(result.body or b""),
-    )  # fmt: skip
+    )
     return record

@@ -88,6 +88,15 @@ class ImageResult:
         assert self.format is not None
         return FORMAT_EXTENSIONS.get(self.format, self.format.lower())
 
+    def record_fields(self) -> dict:
+        """The status-row columns this result fills (every stage's parquet shares them)."""
+        return {
+            "status": self.status, "error_kind": self.error_kind, "error": self.error,
+            "format": self.format, "original_width": self.original_width,
+            "original_height": self.original_height, "width": self.width, "height": self.height,
+            "ratio": self.ratio, "action": self.action, "sha256": self.sha256,
+        }  # fmt: skip
+
 
 def _failure(kind: str, message: str, **geometry: object) -> ImageResult:
     status = FILTERED if kind == "too_small" else FAILED_TO_DECODE

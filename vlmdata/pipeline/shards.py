@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +35,17 @@ FILTERED = "filtered"  # a valid image a rule left out (e.g. --min-side)
 RATIO_BINS = 20  # histogram of min(w, h) / max(w, h) over [0, 1] in every shard's stats
 
 _BLOCK = 512
+
+
+class _Named(Protocol):
+    name: str
+
+
+class SkipCounter(Protocol):
+    def skip(self, rows: int) -> None: ...
+
+
+S = TypeVar("S", bound=_Named)
 
 # Columns of every shard parquet, before the kept input columns.
 RECORD_SCHEMA = pa.schema(
@@ -117,6 +129,16 @@ def exclusive_output(out_dir: Path) -> Iterator[None]:
                 f"another vlmdata run is writing {out_dir}; wait for it or use another directory"
             ) from None
         yield
+
+
+def unfinished(shards: Iterable[S], out_dir: Path, progress: SkipCounter) -> Iterator[S]:
+    """The shards not yet finished in ``out_dir``; finished ones are counted as skipped."""
+    for shard in shards:
+        files = ShardFiles(out_dir, shard.name)
+        if files.done:
+            progress.skip(read_json(files.stats)["rows"])
+        else:
+            yield shard
 
 
 def check_plan(out_dir: Path, plan: dict) -> None:

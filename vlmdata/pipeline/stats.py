@@ -7,10 +7,11 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
-from vlmdata.pipeline.shards import RATIO_BINS, SUCCESS
+from vlmdata.pipeline.shards import RATIO_BINS, SUCCESS, atomic_write_json, read_json
 
 EARLY_WARNING_ROWS = 1000  # judge the failure rate once this many rows are done
 EARLY_WARNING_FAILURE_RATE = 0.5
@@ -146,3 +147,25 @@ class RunSummary:
             f"({self.images_per_s:.1f} images/s, {self.mb_per_s:.1f} MB/s)"
         )
         return "\n".join(lines)
+
+
+def completed_run(out: Path) -> RunSummary | None:
+    """A "nothing to do" summary when ``out`` holds a finished run, else None."""
+    root = out / "stats.json"
+    if root.exists() and read_json(root)["complete"]:
+        return RunSummary(str(out), read_json(root), nothing_to_do=True)
+    return None
+
+
+def close_run(out: Path, progress: RunProgress, started: float, retried: int = 0) -> RunSummary:
+    """Total the shard stats into ``out/stats.json`` (marking the run complete); summarize."""
+    totals = merge_stats([read_json(p) for p in sorted(out.glob("*.stats.json"))])
+    atomic_write_json(out / "stats.json", {**totals, "complete": True})
+    return RunSummary(
+        str(out), totals,
+        elapsed_s=time.monotonic() - started,
+        rows_this_run=sum(progress.status.values()),
+        images_this_run=progress.status[SUCCESS],
+        bytes_this_run=progress.bytes,
+        retried=retried,
+    )  # fmt: skip

@@ -1,0 +1,139 @@
+"""The preprocess stage: image shards in, ``size`` x ``size`` squares out (DESIGN.md, "preprocess").
+
+Every input sample keeps its key and gets one status row: ``success`` (cropped or padded),
+``filtered`` (shorter side below ``--min-side``) or ``failed_to_decode``. Shards are the unit of
+work: each worker process decodes, squares and encodes whole shards, so image bytes never cross
+a process boundary. Output shards follow the download contract and resume the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+
+from vlmdata.errors import UserError
+from vlmdata.pipeline.distributor import Progress, distribute
+from vlmdata.pipeline.image_sources import (
+    ImageShard,
+    expected_samples,
+    find_image_shards,
+    fingerprint,
+)
+from vlmdata.pipeline.imageops import SquareOptions, square_image
+from vlmdata.pipeline.shards import (
+    RECORD_SCHEMA,
+    ShardFiles,
+    ShardWriter,
+    check_plan,
+    exclusive_output,
+    unfinished,
+)
+from vlmdata.pipeline.stats import RunProgress, RunSummary, close_run, completed_run
+
+_COLUMNS = ["key", "url", "caption", "status", "error_kind", "error", "bytes", "sha256", "format",
+            "original_width", "original_height", "width", "height", "ratio", "action"]  # fmt: skip
+PREPROCESS_SCHEMA = pa.schema(
+    [RECORD_SCHEMA.field(name) for name in _COLUMNS] + [("source", pa.string())]
+)
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything `vlmdata preprocess` takes; the CLI flags map one to one."""
+
+    input_dir: str
+    output_dir: str
+    square: SquareOptions = field(default_factory=SquareOptions)
+    max_pixels: int = 100_000_000  # larger images are refused before decoding
+    shard_size: int = 10_000  # plain image folders only: tars keep their own shards
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "shard_size", "processes"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def plan(self, shards: list[ImageShard]) -> dict:
+        """The input and the options that change what lands in the output."""
+        return {
+            "stage": "preprocess",
+            "input": fingerprint(shards),
+            "square": asdict(self.square),
+            "max_pixels": self.max_pixels,
+            "shard_size": self.shard_size if shards[0].tar is None else None,
+        }
+
+
+def run_preprocess(config: PreprocessConfig) -> RunSummary:
+    """Square every image of ``config.input_dir`` into shards under ``config.output_dir``."""
+    source, out = Path(config.input_dir), Path(config.output_dir)
+    if out.resolve() == source.resolve():
+        raise UserError("OUTPUT_DIR must differ from INPUT_DIR; pass a new directory")
+    shards = find_image_shards(source, config.shard_size)
+    with exclusive_output(out):
+        check_plan(out, config.plan(shards))
+        if done := completed_run(out):
+            return done
+        started = time.monotonic()
+        progress = RunProgress(expected_samples(shards), config.quiet, unit="img")
+        try:
+            distribute(
+                partial(preprocess_shards, config, str(out)),
+                unfinished(shards, out, progress),
+                min(config.processes, len(shards)),
+                progress,
+            )
+        finally:
+            progress.close()
+        return close_run(out, progress, started)
+
+
+def preprocess_shards(
+    config: PreprocessConfig, out_dir: str, shards: Iterator[ImageShard], progress: Progress
+) -> None:
+    """One process's share of the run: square every sample of ``shards``."""
+    for shard in shards:
+        preprocess_shard(config, Path(out_dir), shard, progress)
+
+
+def preprocess_shard(
+    config: PreprocessConfig, out: Path, shard: ImageShard, progress: Progress
+) -> None:
+    started = time.monotonic()
+    writer = ShardWriter(ShardFiles(out, shard.name))
+    try:
+        keys: list[str] = []
+        seen: set[str] = set()
+        for sample in shard.samples():
+            if sample.key in seen:
+                continue  # a key repeated inside the input tar: keep its first sample
+            seen.add(sample.key)
+            keys.append(sample.key)
+            if sample.key in writer.records:  # done before an interruption
+                progress.skip(1)
+                continue
+            image = square_image(sample.image, config.square, config.max_pixels)
+            record = {
+                "key": sample.key,
+                "url": sample.meta.get("url"),
+                "caption": sample.caption,
+                **image.record_fields(),
+                "bytes": len(image.data) if image.data is not None else len(sample.image),
+                "source": sample.source,
+            }
+            if image.ok:
+                writer.add(record, image.data, image.extension)
+            else:
+                writer.add(record)
+            progress.record(image.status, image.error_kind, record["bytes"] if image.ok else 0)
+        writer.finish(keys, PREPROCESS_SCHEMA, time.monotonic() - started)
+    except BaseException:
+        writer.close()
+        raise
