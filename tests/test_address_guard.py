@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
-from conftest import make_image
 
+from conftest import make_image
 from vlmdata.pipeline.address_guard import is_public_address
 from vlmdata.pipeline.download import DownloadConfig, run_download
 from vlmdata.pipeline.fetch import FetchPolicy

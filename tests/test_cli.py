@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
-from conftest import LoopbackServer, make_image
 from typer.testing import CliRunner
 
+from conftest import LoopbackServer, make_image
 from vlmdata.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})  # rich help would wrap flags

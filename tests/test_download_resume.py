@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import LoopbackServer, make_image
 
+from conftest import LoopbackServer, make_image
 from vlmdata.errors import UserError
 from vlmdata.pipeline.download import DownloadConfig, run_download
 from vlmdata.pipeline.fetch import FetchPolicy

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
-from conftest import LoopbackServer, make_image, png_header_only
 from PIL import Image
 
+from conftest import LoopbackServer, make_image, png_header_only
 from vlmdata.pipeline.download import DownloadConfig, run_download
 from vlmdata.pipeline.fetch import FetchPolicy
 
