@@ -144,18 +144,30 @@ def unfinished(shards: Iterable[S], out_dir: Path, progress: SkipCounter) -> Ite
 def check_plan(out_dir: Path, plan: dict) -> None:
     """Record ``plan`` in ``out_dir/plan.json``, or refuse if a different plan is there."""
     path = out_dir / "plan.json"
+    plan = json.loads(json.dumps(plan))  # compare as stored: tuples become lists
     if path.exists():
-        previous = read_json(path)
-        for field in sorted(set(plan) | set(previous)):
-            if previous.get(field) != plan.get(field):
+        previous, current = _flatten(read_json(path)), _flatten(plan)
+        for field in sorted(set(previous) | set(current)):
+            if previous.get(field) != current.get(field):
                 raise UserError(
                     f"{out_dir} holds a run with a different {field} "
-                    f"({_short(previous.get(field))} there, {_short(plan.get(field))} now); "
+                    f"({_short(previous.get(field))} there, {_short(current.get(field))} now); "
                     "rerun with the same input and options, or use a new output directory"
                 )
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, plan)
+
+
+def _flatten(plan: dict, prefix: str = "") -> dict:
+    """``{"square": {"size": 448}}`` -> ``{"square.size": 448}``: errors name the leaf."""
+    flat = {}
+    for key, value in plan.items():
+        if isinstance(value, dict) and key != "input":  # the input is compared as a whole
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _short(value: object) -> str:
