@@ -110,7 +110,7 @@ def test_vlmdata_download_shards_keep_their_keys(server, tmp_path):
             processes=1,
             quiet=True,
             fetch=FetchPolicy(allow_private_network=True),
-        )  # fmt: skip
+        )
     )
     out = tmp_path / "squares"
     preprocess(downloaded, out)

@@ -133,7 +133,8 @@ def preprocess_shard(
             else:
                 writer.add(record)
             progress.record(image.status, image.error_kind, record["bytes"] if image.ok else 0)
-        writer.finish(keys, PREPROCESS_SCHEMA, time.monotonic() - started)
+        # Downloads append samples as they finish: the parquet goes back to key order.
+        writer.finish(sorted(keys), PREPROCESS_SCHEMA, time.monotonic() - started)
     except BaseException:
         writer.close()
         raise
