@@ -56,7 +56,7 @@ def main(
 
 
 def run_stage(stage: Callable[[], object]) -> None:
-    """Run a stage and print its summary; a user mistake is one line on stderr and exit 2."""
+    """Run a stage and print its summary (or text); a user mistake is one line on stderr, exit 2."""
     try:
         summary = stage()
     except UserError as e:
@@ -65,7 +65,7 @@ def run_stage(stage: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
-    typer.echo(summary.format())
+    typer.echo(summary if isinstance(summary, str) else summary.format())
 
 
 def square_options(
@@ -222,6 +222,87 @@ def preprocess(
         )
 
     run_stage(stage)
+
+
+@app.command()
+def encode(
+    input_dir: Annotated[
+        str,
+        typer.Argument(help="preprocess/download/img2dataset shards (*.tar), or an image folder."),
+    ],
+    output_dir: Annotated[str, typer.Argument(help="Where the HDF5 feature shards go.")],
+    model: Annotated[
+        str, typer.Option(help="open_clip model name, or tiny-random-clip for tests.")
+    ] = "ViT-L-14-336",
+    pretrained: Annotated[
+        str, typer.Option(help="open_clip tag, a local weights file, or none (random weights).")
+    ] = "openai",
+    layer: Annotated[
+        int, typer.Option(help="Transformer block whose output gives the patch tokens.")
+    ] = -2,
+    tokens: Annotated[
+        str, typer.Option(help="Pooled tokens per image: a square number <= the grid, or all.")
+    ] = "64",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 (GPU) or bf16.")] = "fp32",
+    workers: Annotated[int, typer.Option(help="DataLoader processes decoding images.")] = min(
+        4, os.cpu_count() or 1
+    ),
+    reference: Annotated[
+        list[str] | None,
+        typer.Option(help="Extra placeholder image to filter out (repeatable)."),
+    ] = None,
+    placeholder_threshold: Annotated[
+        float, typer.Option(help="Cosine similarity to a reference at which an image is dropped.")
+    ] = 0.92,
+    no_placeholder_filter: Annotated[
+        bool, typer.Option("--no-placeholder-filter", help="Keep placeholder-like images.")
+    ] = False,
+    pad_threshold: PadThreshold = 0.6,
+    fill: Fill = "0,0,0",
+    max_pixels: MaxPixels = 100_000_000,
+    shard_size: ShardSize = 10_000,
+    quiet: Quiet = False,
+) -> None:
+    """Encode images into CLIP patch-token features + embeddings (HDF5 shards), resumably."""
+    from vlmdata.encode.stage import EncodeConfig, run_encode
+    from vlmdata.pipeline.imageops import SquareOptions, parse_fill
+
+    def stage():
+        return run_encode(
+            EncodeConfig(
+                input_dir=input_dir,
+                output_dir=output_dir,
+                model=model,
+                pretrained=pretrained,
+                layer=layer,
+                tokens=tokens,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+                workers=workers,
+                references=tuple(reference or ()),
+                placeholder_threshold=placeholder_threshold,
+                placeholder_filter=not no_placeholder_filter,
+                square=SquareOptions(pad_threshold=pad_threshold, fill=parse_fill(fill)),
+                max_pixels=max_pixels,
+                shard_size=shard_size,
+                quiet=quiet,
+            )
+        )
+
+    run_stage(stage)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="An output directory, or one .h5, .tar or .parquet.")],
+) -> None:
+    """Show what a stage output (or a single shard file) holds: rows, shapes, attributes, statuses."""
+    from vlmdata.describe import describe
+
+    run_stage(lambda: describe(path))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import hashlib
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -130,29 +130,39 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageResult:
 
 def square_image(data: bytes, options: SquareOptions, max_pixels: int) -> ImageResult:
     """Decode ``data``, apply the crop/pad rule and encode a ``size`` x ``size`` square."""
+    result, square = make_square(data, options, max_pixels)
+    if square is None:
+        return result
+    encoded = encode_image(square, options)
+    return replace(
+        result, format=OUTPUT_FORMATS[options.format], data=encoded,
+        sha256=hashlib.sha256(encoded).hexdigest(),
+    )  # fmt: skip
+
+
+def make_square(
+    data: bytes, options: SquareOptions, max_pixels: int
+) -> tuple[ImageResult, Image.Image | None]:
+    """The crop/pad rule on ``data``: the square as a Pillow RGB image (None on failure) and
+    what happened (``format``, ``data`` and ``sha256`` are left for the caller's encoding)."""
     try:
         with _open(data, max_pixels) as image:
             oriented = _oriented_size(image)
             geometry = {"original_width": oriented[0], "original_height": oriented[1],
                         "ratio": _ratio(*oriented)}  # fmt: skip
             if min(oriented) < options.min_side:
-                return _failure(
-                    "too_small", f"shorter side {min(oriented)} < --min-side {options.min_side}",
-                    **geometry,
-                )  # fmt: skip
+                message = f"shorter side {min(oriented)} < --min-side {options.min_side}"
+                return _failure("too_small", message, **geometry), None
             action = "crop" if geometry["ratio"] >= options.pad_threshold else "pad"
             _draft_jpeg(image, _draft_request(image.size, options.size, action))
             rgb = to_rgb(ImageOps.exif_transpose(image), options.fill)
             square = _crop_or_pad(rgb, action, options)
     except _Refused as refused:
-        return refused.result
+        return refused.result, None
     except _DECODE_ERRORS as e:
-        return _failure("broken_image", f"{type(e).__name__}: {e}")
-    encoded = encode_image(square, options)
-    return ImageResult(
-        format=OUTPUT_FORMATS[options.format], width=options.size, height=options.size,
-        action=action, data=encoded, sha256=hashlib.sha256(encoded).hexdigest(), **geometry,
-    )  # fmt: skip
+        return _failure("broken_image", f"{type(e).__name__}: {e}"), None
+    result = ImageResult(width=options.size, height=options.size, action=action, **geometry)
+    return result, square
 
 
 def to_rgb(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

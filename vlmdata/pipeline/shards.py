@@ -32,7 +32,8 @@ SUCCESS = "success"
 FAILED_TO_DOWNLOAD = "failed_to_download"
 FAILED_TO_DECODE = "failed_to_decode"
 FILTERED = "filtered"  # a valid image a rule left out (e.g. --min-side)
-RATIO_BINS = 20  # histogram of min(w, h) / max(w, h) over [0, 1] in every shard's stats
+RATIO_BINS = 20  # histogram of min(w, h) / max(w, h) over [0, 1] in image stages' stats
+SIMILARITY_BINS = 50  # histogram of the max cosine similarity to a placeholder, over [0, 1]
 
 _BLOCK = 512
 
@@ -310,24 +311,32 @@ def shard_stats(name: str, rows: list[dict], duration_s: float) -> dict:
         status[row["status"]] = status.get(row["status"], 0) + 1
         if row["error_kind"]:
             errors[row["error_kind"]] = errors.get(row["error_kind"], 0) + 1
-    actions: dict[str, int] = {}
-    ratios = [0] * RATIO_BINS
-    for row in rows:
-        if row["status"] == SUCCESS and row.get("ratio") is not None:
-            ratios[min(int(row["ratio"] * RATIO_BINS), RATIO_BINS - 1)] += 1
-        if row.get("action"):
-            actions[row["action"]] = actions.get(row["action"], 0) + 1
-    return {
-        "shard": name,
-        "rows": len(rows),
-        "status": status,
-        "error_kind": errors,
-        "bytes": sum(row["bytes"] or 0 for row in rows if row["status"] == SUCCESS),
-        "action": actions,
-        "ratio_histogram": ratios,
-        "duration_s": round(duration_s, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    stats = {"shard": name, "rows": len(rows), "status": status, "error_kind": errors}
+    if rows and "bytes" in rows[0]:  # image stages
+        actions: dict[str, int] = {}
+        ratios = [0] * RATIO_BINS
+        for row in rows:
+            if row["status"] == SUCCESS and row.get("ratio") is not None:
+                ratios[_bin(row["ratio"], RATIO_BINS)] += 1
+            if row.get("action"):
+                actions[row["action"]] = actions.get(row["action"], 0) + 1
+        stats["bytes"] = sum(row["bytes"] or 0 for row in rows if row["status"] == SUCCESS)
+        stats["action"] = actions
+        stats["ratio_histogram"] = ratios
+    if rows and "placeholder_similarity" in rows[0]:  # encode: where the placeholders sit
+        similarity = [0] * SIMILARITY_BINS
+        for row in rows:
+            if row["placeholder_similarity"] is not None:
+                similarity[_bin(row["placeholder_similarity"], SIMILARITY_BINS)] += 1
+        stats["placeholder_similarity_histogram"] = similarity
+    stats["duration_s"] = round(duration_s, 3)
+    stats["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return stats
+
+
+def _bin(value: float, bins: int) -> int:
+    """The bin of ``value`` among ``bins`` equal bins over [0, 1] (outside values clamp)."""
+    return min(max(int(value * bins), 0), bins - 1)
 
 
 def _tar_header(name: str, size: int) -> bytes:

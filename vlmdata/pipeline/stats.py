@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vlmdata.pipeline.shards import RATIO_BINS, SUCCESS, atomic_write_json, read_json
+from vlmdata.pipeline.shards import SUCCESS, atomic_write_json, read_json
 
 EARLY_WARNING_ROWS = 1000  # judge the failure rate once this many rows are done
 EARLY_WARNING_FAILURE_RATE = 0.5
@@ -28,26 +28,26 @@ _HINTS = {
 
 
 def merge_stats(shard_stats: list[dict]) -> dict:
-    """Totals over shard stats: rows, counts by status and error kind, bytes, shards."""
-    status: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    actions: Counter[str] = Counter()
-    ratios = [0] * RATIO_BINS
+    """Totals over shard stats: numbers add up, count tables merge, histograms add binwise."""
+    totals: dict = {"shards": len(shard_stats)}
     for stats in shard_stats:
-        status.update(stats["status"])
-        errors.update(stats["error_kind"])
-        actions.update(stats["action"])
-        ratios = [a + b for a, b in zip(ratios, stats["ratio_histogram"], strict=True)]
-    return {
-        "shards": len(shard_stats),
-        "rows": sum(s["rows"] for s in shard_stats),
-        "status": dict(status.most_common()),
-        "error_kind": dict(errors.most_common()),
-        "bytes": sum(s["bytes"] for s in shard_stats),
-        "action": dict(actions.most_common()),
-        # counts of min(w, h) / max(w, h) in RATIO_BINS equal bins over [0, 1]
-        "ratio_histogram": ratios,
-    }
+        for key, value in stats.items():
+            if key in ("shard", "finished_at", "duration_s"):
+                continue
+            if isinstance(value, dict):
+                totals[key] = dict(Counter(totals.get(key, {})) + Counter(value))
+            elif isinstance(value, list):
+                previous = totals.get(key, [0] * len(value))
+                totals[key] = [a + b for a, b in zip(previous, value, strict=True)]
+            else:
+                totals[key] = totals.get(key, 0) + value
+    for key in ("status", "error_kind", "action"):  # most common first
+        if key in totals:
+            totals[key] = dict(sorted(totals[key].items(), key=lambda item: -item[1]))
+    totals.setdefault("rows", 0)
+    totals.setdefault("status", {})
+    totals.setdefault("error_kind", {})
+    return totals
 
 
 class RunProgress:

@@ -1,0 +1,301 @@
+"""The encode stage: image shards in, HDF5 feature shards out (DESIGN.md, "encode").
+
+Per image shard: DataLoader workers decode and square the images (the crop/pad rule of
+preprocess, at the model's input size) while the model runs; one forward pass gives the
+pooled patch tokens and the CLIP embedding; images too close to a placeholder reference are
+left out; a writer thread appends the rest to ``NNNNN.h5``. ``NNNNN.parquet`` has a row per
+input sample (success, placeholder or failed_to_decode, with the placeholder similarity) and
+``NNNNN.stats.json`` marks the shard done. A killed run redoes only its unfinished shards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlmdata import __version__
+from vlmdata.encode.features import PatchFeatures, token_grid_side
+from vlmdata.encode.models import LoadedClip, load_clip, resolve_device
+from vlmdata.encode.placeholders import builtin_placeholders, load_references
+from vlmdata.encode.store import FeatureShardWriter
+from vlmdata.errors import UserError
+from vlmdata.pipeline.image_sources import (
+    ImageShard,
+    expected_samples,
+    find_image_shards,
+    fingerprint,
+)
+from vlmdata.pipeline.imageops import SquareOptions, make_square
+from vlmdata.pipeline.shards import (
+    FAILED_TO_DECODE,
+    SUCCESS,
+    ShardFiles,
+    atomic_write_json,
+    check_plan,
+    exclusive_output,
+    read_json,
+    shard_stats,
+    unfinished,
+    write_parquet_atomic,
+)
+from vlmdata.pipeline.stats import RunProgress, RunSummary, close_run, completed_run
+
+PLACEHOLDER = "placeholder"
+# With real CLIP weights, re-encodes of one placeholder score > 0.95 against each other and
+# ordinary photos rarely pass 0.85: 0.92 sits in the gap (see the histogram in the stats).
+DEFAULT_PLACEHOLDER_THRESHOLD = 0.92
+
+ENCODE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+        ("placeholder_similarity", pa.float32()),
+        ("row", pa.int32()),  # index in NNNNN.h5, for rows that are in it
+        ("source", pa.string()),
+    ]
+)
+
+
+@dataclass
+class EncodeConfig:
+    """Everything `vlmdata encode` takes; the CLI flags map one to one."""
+
+    input_dir: str
+    output_dir: str
+    model: str = "ViT-L-14-336"
+    pretrained: str = "openai"
+    layer: int = -2
+    tokens: str = "64"
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "fp32"
+    workers: int = 4
+    references: tuple[str, ...] = ()
+    placeholder_threshold: float = DEFAULT_PLACEHOLDER_THRESHOLD
+    placeholder_filter: bool = True
+    square: SquareOptions = field(default_factory=lambda: SquareOptions(size=448))
+    max_pixels: int = 100_000_000
+    shard_size: int = 10_000  # plain image folders only
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.workers < 0:
+            raise UserError("--workers cannot be negative")
+
+
+def run_encode(config: EncodeConfig) -> RunSummary:
+    """Encode every image of ``config.input_dir`` into HDF5 shards under ``config.output_dir``."""
+    source, out = Path(config.input_dir), Path(config.output_dir)
+    if out.resolve() == source.resolve():
+        raise UserError("OUTPUT_DIR must differ from INPUT_DIR; pass a new directory")
+    shards = find_image_shards(source, config.shard_size)
+    device = resolve_device(config.device, config.precision)
+    references = {} if not config.placeholder_filter else {
+        **builtin_placeholders(), **load_references(list(config.references))
+    }  # fmt: skip
+    clip = load_clip(config.model, config.pretrained, device, config.precision)
+    features = PatchFeatures(clip, config.layer, token_grid_side(config.tokens, clip))
+    attrs = _attributes(config, clip, features, references)
+    with exclusive_output(out):
+        check_plan(out, {"stage": "encode", "input": fingerprint(shards), **attrs})
+        if done := completed_run(out):
+            return done
+        encoder = _ShardEncoder(config, clip, features, attrs, references)
+        started = time.monotonic()
+        progress = RunProgress(expected_samples(shards), config.quiet, unit="img")
+        try:
+            for shard in unfinished(shards, out, progress):
+                encoder.encode(shard, out, progress)
+        finally:
+            progress.close()
+        summary = close_run(out, progress, started)
+        _write_manifest(out, attrs)
+    return summary
+
+
+def _attributes(
+    config: EncodeConfig, clip: LoadedClip, features: PatchFeatures, references: dict
+) -> dict:
+    """What the HDF5 root attributes (and the plan) record: enough to reuse the cache."""
+    return {
+        "model": clip.name,
+        "pretrained": clip.pretrained,
+        "weights_sha256": clip.weights_sha256,
+        "layer": features.layer,
+        "layer_requested": config.layer,
+        "source_grid": clip.grid,
+        "token_grid": features.side,
+        "tokens": features.side**2,
+        "width": clip.width,
+        "embed_dim": clip.embed_dim,
+        "image_size": clip.image_size,
+        "patch_size": clip.patch_size,
+        "image_mean": list(clip.mean),
+        "image_std": list(clip.std),
+        "preprocessing": (
+            f"EXIF orientation, RGB (alpha on fill {','.join(map(str, config.square.fill))}), "
+            f"crop if min/max side >= {config.square.pad_threshold} else pad, "
+            f"Lanczos resize to {clip.image_size}, normalize mean/std"
+        ),
+        "precision": config.precision,
+        "placeholder_threshold": config.placeholder_threshold if references else None,
+        "placeholder_references": sorted(references),
+        "vlmdata_version": __version__,
+    }
+
+
+class _SquaredImages(IterableDataset):
+    """One shard's samples, decoded and squared on DataLoader workers (each takes every n-th)."""
+
+    def __init__(
+        self, shard: ImageShard, options: SquareOptions, max_pixels: int, mean, std
+    ) -> None:
+        self.shard, self.options, self.max_pixels = shard, options, max_pixels
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        part, parts = (worker.id, worker.num_workers) if worker else (0, 1)
+        for index, sample in enumerate(self.shard.samples()):
+            if index % parts != part:
+                continue
+            result, square = make_square(sample.image, self.options, self.max_pixels)
+            tensor = None if square is None else normalized(square, self.mean, self.std)
+            yield {"key": sample.key, "caption": sample.caption or "",
+                   "url": sample.meta.get("url"), "source": sample.source, "image": tensor,
+                   "error_kind": result.error_kind, "error": result.error}  # fmt: skip
+
+
+def normalized(square: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """An RGB Pillow image -> the model's input tensor ``[3, H, W]``."""
+    pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8)
+    return (pixels.view(square.height, square.width, 3).permute(2, 0, 1) / 255.0 - mean) / std
+
+
+def _collate(items: list[dict]) -> dict:
+    """Keep per-sample metadata as lists; stack the images that decoded."""
+    decoded = [item for item in items if item["image"] is not None]
+    return {
+        "failed": [item for item in items if item["image"] is None],
+        "decoded": decoded,
+        "images": torch.stack([item["image"] for item in decoded]) if decoded else None,
+    }
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+
+
+class _ShardEncoder:
+    def __init__(self, config: EncodeConfig, clip: LoadedClip, features: PatchFeatures, attrs: dict,
+                 references: dict[str, bytes]) -> None:  # fmt: skip
+        self.config, self.clip, self.features, self.attrs = config, clip, features, attrs
+        # The square rule at the model's input size: a 448 preprocess output is just resized.
+        self.options = SquareOptions(
+            size=clip.image_size, pad_threshold=config.square.pad_threshold, fill=config.square.fill
+        )
+        self.references = _reference_embeds(references, clip, features, self.options)
+
+    def encode(self, shard: ImageShard, out: Path, progress: RunProgress) -> None:
+        config, clip = self.config, self.clip
+        started = time.monotonic()
+        files = ShardFiles(out, shard.name)
+        loader = DataLoader(
+            _SquaredImages(shard, self.options, config.max_pixels, clip.mean, clip.std),
+            batch_size=config.batch_size, num_workers=config.workers, collate_fn=_collate,
+            worker_init_fn=_one_thread, pin_memory=clip.device == "cuda",
+            prefetch_factor=4 if config.workers else None,
+        )  # fmt: skip
+        writer = FeatureShardWriter(
+            out / f"{shard.name}.h5", self.features.side**2, clip.width, clip.embed_dim, self.attrs
+        )
+        records: list[dict] = []
+        try:
+            for batch in loader:
+                for item in batch["failed"]:
+                    records.append(_record(item, FAILED_TO_DECODE))
+                    progress.record(FAILED_TO_DECODE, item["error_kind"], 0)
+                if batch["images"] is not None:
+                    records += self._encode_batch(batch, writer, progress)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        records.sort(key=lambda r: r["key"])
+        write_parquet_atomic(files.parquet, pa.Table.from_pylist(records, schema=ENCODE_SCHEMA))
+        atomic_write_json(files.stats, shard_stats(shard.name, records, time.monotonic() - started))
+
+    def _encode_batch(
+        self, batch: dict, writer: FeatureShardWriter, progress: RunProgress
+    ) -> list[dict]:
+        images = batch["images"].to(self.clip.device, self.clip.dtype, non_blocking=True)
+        tokens, embeds = self.features(images)
+        if self.references is not None:
+            similarity = (embeds @ self.references.T).max(dim=1).values.cpu().tolist()
+        else:
+            similarity = [None] * len(embeds)
+        keep = [s is None or s < self.config.placeholder_threshold for s in similarity]
+        kept = [i for i, k in enumerate(keep) if k]
+        first = writer.append(
+            [batch["decoded"][i]["key"] for i in kept],
+            [batch["decoded"][i]["caption"] for i in kept],
+            tokens[kept].to(torch.float16).cpu().numpy(),
+            embeds[kept].to(torch.float16).cpu().numpy(),
+        )
+        records = []
+        rows = iter(range(first, first + len(kept)))
+        for item, is_kept, score in zip(batch["decoded"], keep, similarity, strict=True):
+            status = SUCCESS if is_kept else PLACEHOLDER
+            records.append(_record(item, status, score, next(rows) if is_kept else None))
+            progress.record(status, None if is_kept else "placeholder", 0)
+        return records
+
+
+def _record(
+    item: dict, status: str, similarity: float | None = None, row: int | None = None
+) -> dict:
+    return {
+        "key": item["key"], "url": item["url"], "caption": item["caption"] or None,
+        "status": status, "error_kind": item["error_kind"] if status == FAILED_TO_DECODE else None,
+        "error": item["error"] if status == FAILED_TO_DECODE else None,
+        "placeholder_similarity": similarity, "row": row, "source": item["source"],
+    }  # fmt: skip
+
+
+def _reference_embeds(
+    references: dict[str, bytes], clip: LoadedClip, features: PatchFeatures, options: SquareOptions
+) -> torch.Tensor | None:
+    """Unit CLIP embeddings of the references, made exactly like the data's."""
+    if not references:
+        return None
+    mean, std = torch.tensor(clip.mean).view(3, 1, 1), torch.tensor(clip.std).view(3, 1, 1)
+    squares = [make_square(data, options, _REFERENCE_MAX_PIXELS)[1] for data in references.values()]
+    batch = torch.stack([normalized(square, mean, std) for square in squares])
+    return features(batch.to(clip.device, clip.dtype))[1]
+
+
+_REFERENCE_MAX_PIXELS = 10**9  # references are the user's own files
+
+
+def _write_manifest(out: Path, attrs: dict) -> None:
+    """``manifest.json``: the attributes, and every shard's file and row count."""
+    shards = []
+    for stats_path in sorted(out.glob("*.stats.json")):
+        name = stats_path.name.removesuffix(".stats.json")
+        stats = read_json(stats_path)
+        shards.append({"name": name, "file": f"{name}.h5", "rows": stats["status"].get(SUCCESS, 0)})
+    atomic_write_json(out / "manifest.json", {"attrs": attrs, "shards": shards,
+                                              "rows": sum(s["rows"] for s in shards)})  # fmt: skip
