@@ -299,7 +299,7 @@ def encode(
 def inspect(
     path: Annotated[str, typer.Argument(help="An output directory, or one .h5, .tar or .parquet.")],
 ) -> None:
-    """Show what a stage output (or a single shard file) holds: rows, shapes, attributes, statuses."""
+    """Show what a stage output or a shard file holds: rows, shapes, attributes, statuses."""
     from vlmdata.describe import describe
 
     run_stage(lambda: describe(path))
