@@ -266,6 +266,9 @@ def encode(
     quiet: Quiet = False,
 ) -> None:
     """Encode images into CLIP patch-token features + embeddings (HDF5 shards), resumably."""
+    # Before torch loads: OpenMP threads that spin between ops would starve the decoding
+    # workers sharing the cores (on 2 CPU cores: 0.82 -> 0.94 of the bare forward's rate).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from vlmdata.encode.stage import EncodeConfig, run_encode
     from vlmdata.pipeline.imageops import SquareOptions, parse_fill
 
