@@ -70,6 +70,16 @@ def build_corpus(directory: Path, count: int) -> list[Path]:
     return paths
 
 
+def start_corpus_server(corpus: list[Path]) -> tuple[multiprocessing.Process, list[str]]:
+    """Serve ``corpus`` from its own process on 127.0.0.1; return the process and the URLs."""
+    ctx = multiprocessing.get_context("spawn")
+    ports: multiprocessing.Queue = ctx.Queue()
+    server = ctx.Process(target=serve, args=(str(corpus[0].parent), ports), daemon=True)
+    server.start()
+    port = ports.get(timeout=60)
+    return server, [f"http://127.0.0.1:{port}/i/{p.name}" for p in corpus]
+
+
 def serve(directory: str, port_queue: multiprocessing.Queue) -> None:
     """The corpus server (its own process): every file held in memory, served as image/jpeg."""
     from aiohttp import web
@@ -198,12 +208,7 @@ def main() -> None:
         f"corpus: {len(corpus)} JPEGs, {total_mb:.0f} MB; processes={args.processes} "
         f"concurrency={args.concurrency} shard size={args.shard_size}"
     )
-    ctx = multiprocessing.get_context("spawn")
-    ports: multiprocessing.Queue = ctx.Queue()
-    server = ctx.Process(target=serve, args=(args.corpus, ports), daemon=True)
-    server.start()
-    port = ports.get(timeout=60)
-    urls = [f"http://127.0.0.1:{port}/i/{p.name}" for p in corpus]
+    server, urls = start_corpus_server(corpus)
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

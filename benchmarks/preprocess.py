@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import multiprocessing
 import os
 import shutil
 import sys
@@ -26,7 +25,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from download import build_corpus, ceiling, count_tar_images, img2dataset_command, serve, timed
+from download import (
+    build_corpus,
+    ceiling,
+    count_tar_images,
+    img2dataset_command,
+    start_corpus_server,
+    timed,
+)
 from PIL import Image, ImageOps
 
 SIZE = 448
@@ -63,12 +69,7 @@ def main() -> None:
 
     corpus = build_corpus(Path(args.corpus), args.images)
     print(f"corpus: {len(corpus)} JPEGs; processes={args.processes} size={SIZE}")
-    ctx = multiprocessing.get_context("spawn")
-    ports: multiprocessing.Queue = ctx.Queue()
-    server = ctx.Process(target=serve, args=(args.corpus, ports), daemon=True)
-    server.start()
-    port = ports.get(timeout=60)
-    urls = [f"http://127.0.0.1:{port}/i/{p.name}" for p in corpus]
+    server, urls = start_corpus_server(corpus)
     n = len(urls)
     rates: dict[str, float] = {}
     vlmdata = [sys.executable, "-m", "vlmdata"]

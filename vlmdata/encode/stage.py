@@ -34,6 +34,7 @@ from vlmdata.pipeline.image_sources import (
 from vlmdata.pipeline.imageops import SquareOptions, make_square
 from vlmdata.pipeline.shards import (
     FAILED_TO_DECODE,
+    RECORD_SCHEMA,
     SUCCESS,
     ShardFiles,
     atomic_write_json,
@@ -47,18 +48,16 @@ from vlmdata.pipeline.shards import (
 from vlmdata.pipeline.stats import RunProgress, RunSummary, close_run, completed_run
 
 PLACEHOLDER = "placeholder"
-# With real CLIP weights, re-encodes of one placeholder score > 0.95 against each other and
-# ordinary photos rarely pass 0.85: 0.92 sits in the gap (see the histogram in the stats).
+# For real CLIP weights: re-encodings of one image score above ~0.95, unrelated images well
+# below 0.9. Tune it from placeholder_similarity_histogram in the stats (README, "Placeholders").
 DEFAULT_PLACEHOLDER_THRESHOLD = 0.92
 
 ENCODE_SCHEMA = pa.schema(
     [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("status", pa.string()),
-        ("error_kind", pa.string()),
-        ("error", pa.string()),
+        RECORD_SCHEMA.field(name)
+        for name in ("key", "url", "caption", "status", "error_kind", "error")
+    ]
+    + [
         ("placeholder_similarity", pa.float32()),
         ("row", pa.int32()),  # index in NNNNN.h5, for rows that are in it
         ("source", pa.string()),
