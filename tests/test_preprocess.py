@@ -83,6 +83,7 @@ def test_plain_folder_with_captions(image_folder, tmp_path):
     assert len(images) == 4 and all(im.size == (SIZE, SIZE) for im in images.values())
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
     assert summary.totals["status"] == {"success": 4, "filtered": 1, "failed_to_decode": 1}
+    assert "squares: crop 3, pad 1" in summary.format()
 
 
 def test_stats_hold_the_crop_pad_split_and_ratio_histogram(image_folder, tmp_path):

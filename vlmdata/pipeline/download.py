@@ -111,7 +111,8 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
     out = Path(config.output_dir)
     with exclusive_output(out):
         check_plan(out, config.plan(source))
-        if not config.retry_failed and (done := completed_run(out)):
+        hint = " Use --retry-failed to re-attempt retryable failures."
+        if not config.retry_failed and (done := completed_run(out, hint)):
             return done
         retried = _reopen_retryable_shards(out) if config.retry_failed else 0
         started = time.monotonic()

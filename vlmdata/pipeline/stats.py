@@ -114,6 +114,7 @@ class RunSummary:
     bytes_this_run: int = 0
     nothing_to_do: bool = False
     retried: int = 0
+    hint: str = ""  # appended to the "nothing to do" line
 
     @property
     def images_per_s(self) -> float:
@@ -130,8 +131,7 @@ class RunSummary:
         if self.nothing_to_do:
             return (
                 f"Nothing to do: all {totals['shards']} shards ({rows} rows) in "
-                f"{self.output_dir} are complete. Use --retry-failed to re-attempt retryable "
-                "failures."
+                f"{self.output_dir} are complete.{self.hint}"
             )
         lines = [f"{rows} rows in {totals['shards']} shards -> {self.output_dir}"]
         for status, n in totals["status"].items():
@@ -139,21 +139,25 @@ class RunSummary:
         if totals["error_kind"]:
             kinds = ", ".join(f"{k} {n}" for k, n in totals["error_kind"].items())
             lines.append(f"  errors: {kinds}")
+        if totals.get("action"):
+            actions = ", ".join(f"{k} {n}" for k, n in totals["action"].items())
+            lines.append(f"  squares: {actions}")
         if self.retried:
             lines.append(f"  re-attempted {self.retried} retryable failures")
+        volume = f", {self.bytes_this_run / 1e6:.1f} MB" if self.bytes_this_run else ""
+        rates = f", {self.mb_per_s:.1f} MB/s" if self.bytes_this_run else ""
         lines.append(
-            f"this run: {self.rows_this_run} rows, {self.images_this_run} images, "
-            f"{self.bytes_this_run / 1e6:.1f} MB in {self.elapsed_s:.1f} s "
-            f"({self.images_per_s:.1f} images/s, {self.mb_per_s:.1f} MB/s)"
+            f"this run: {self.rows_this_run} rows, {self.images_this_run} images{volume} in "
+            f"{self.elapsed_s:.1f} s ({self.images_per_s:.1f} images/s{rates})"
         )
         return "\n".join(lines)
 
 
-def completed_run(out: Path) -> RunSummary | None:
+def completed_run(out: Path, hint: str = "") -> RunSummary | None:
     """A "nothing to do" summary when ``out`` holds a finished run, else None."""
     root = out / "stats.json"
     if root.exists() and read_json(root)["complete"]:
-        return RunSummary(str(out), read_json(root), nothing_to_do=True)
+        return RunSummary(str(out), read_json(root), nothing_to_do=True, hint=hint)
     return None
 
 
