@@ -7,6 +7,7 @@ no command pays for another's dependencies.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Annotated
 
@@ -55,8 +56,13 @@ def main(
     """vlmdata: download, preprocess, encode, label and train from CapsFusion-scale data."""
 
 
+def _show_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
+    typer.echo(f"warning: {message}", err=True)  # one line, no source excerpt
+
+
 def run_stage(stage: Callable[[], object]) -> None:
     """Run a stage and print its summary (or text); a user mistake is one line on stderr, exit 2."""
+    warnings.showwarning = _show_warning
     try:
         summary = stage()
     except UserError as e:

@@ -64,7 +64,11 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
     digest = None
     options: dict = {}
     if pretrained.lower() in RANDOM:
-        warnings.warn(f"{name} has random weights: its features are for tests only", stacklevel=2)
+        warnings.warn(
+            f"{name} has random weights: its features are for tests only, and every image looks "
+            "alike to it (use --no-placeholder-filter or a placeholder threshold near 1)",
+            stacklevel=2,
+        )
         torch.manual_seed(0)  # the same random model in every run, so caches stay comparable
         weights, pretrained = None, "random"
     elif Path(pretrained).is_file():
