@@ -1,9 +1,10 @@
 """The download stage: a URL list in, image shards out (DESIGN.md, "download").
 
-One asyncio event loop does all network I/O. Decode checks run in a process pool, never on the
-loop. Several shards are in flight at once, so a slow host at the end of one shard never stalls
-the run. Every row is written the moment it finishes (see shards.py), which is what makes a
-killed run resume without fetching finished work again.
+One asyncio event loop per process does all network I/O. Image checks run on threads, and the
+decoding and resizing of ``--resize`` in worker processes: never on the loop. Several shards
+are in flight at once, so a slow host at the end of one shard never stalls the run. Every row
+is written the moment it finishes (see shards.py), which is what makes a killed run resume
+without fetching finished work again.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from vlmdata.pipeline.shards import (
     exclusive_output,
     read_json,
     reopen_for_retry,
+    shard_name,
     unfinished,
 )
 from vlmdata.pipeline.sources import Shard, UrlSource
@@ -119,7 +121,7 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
         progress = RunProgress(source.total_rows(), config.quiet)
         # Finished shards come through the reader as empty tables: no row conversion.
         shards = source.shards(
-            config.shard_size, wanted=lambda i: not ShardFiles(out, f"{i:05d}").done
+            config.shard_size, wanted=lambda i: not ShardFiles(out, shard_name(i)).done
         )
         try:
             distribute(

@@ -225,9 +225,8 @@ async def _fetch_once(
     result: FetchResult,
     started: float,
 ) -> FetchResult:
-    seen = {url}
+    seen = {url}  # the first URL was checked by the caller; every hop after it is checked here
     for _ in range(policy.max_redirects + 1):
-        _check_destination(url, policy)
         async with session.get(url, allow_redirects=False) as response:
             if response.status in _REDIRECT_STATUSES:
                 url = _redirect_target(response, url)
@@ -236,6 +235,7 @@ async def _fetch_once(
                         "redirect_loop", f"redirect loop back to {url}", response.status
                     )
                 seen.add(url)
+                _check_destination(url, policy)
                 continue
             if response.status >= 400:
                 raise _http_failure(response)

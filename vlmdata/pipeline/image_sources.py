@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmdata.errors import UserError
+from vlmdata.pipeline.shards import shard_name
 from vlmdata.pipeline.sources import row_key
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
@@ -63,7 +64,7 @@ def find_image_shards(input_dir: Path, shard_size: int) -> list[ImageShard]:
     tars = sorted(input_dir.glob("*.tar"))
     if tars:
         return [
-            ImageShard(f"{int(p.stem):05d}" if p.stem.isdigit() else f"{i:05d}", tar=p)
+            ImageShard(shard_name(int(p.stem) if p.stem.isdigit() else i), tar=p)
             for i, p in enumerate(tars)
         ]
     images = sorted(
@@ -76,7 +77,7 @@ def find_image_shards(input_dir: Path, shard_size: int) -> list[ImageShard]:
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); point it at a stage's output or a folder"
         )
     return [
-        ImageShard(f"{i // shard_size:05d}", files=tuple(images[i : i + shard_size]), start=i)
+        ImageShard(shard_name(i // shard_size), files=tuple(images[i : i + shard_size]), start=i)
         for i in range(0, len(images), shard_size)
     ]
 

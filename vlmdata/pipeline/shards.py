@@ -100,6 +100,11 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def shard_name(index: int) -> str:
+    """The file stem of shard ``index``: ``00042``."""
+    return f"{index:05d}"
+
+
 class ShardFiles:
     """The paths of shard ``name`` in ``out_dir``."""
 

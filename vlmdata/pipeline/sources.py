@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmdata.errors import UserError
-from vlmdata.pipeline.shards import RECORD_SCHEMA
+from vlmdata.pipeline.shards import RECORD_SCHEMA, shard_name
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 _SUFFIX_FORMATS = {
@@ -90,7 +90,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"{self.index:05d}"
+        return shard_name(self.index)
 
     def rows(self) -> list[dict]:
         """The shard's rows as dicts, each with its stable ``key``."""
