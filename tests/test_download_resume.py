@@ -146,7 +146,7 @@ def test_rerun_on_finished_output_does_nothing(server, corpus, tmp_path):
 def test_changed_plan_is_refused(server, corpus, tmp_path):
     out = tmp_path / "out"
     run_download(config(corpus, out, limit=60))
-    with pytest.raises(UserError, match="shard_size"):
+    with pytest.raises(UserError, match="--shard-size 50, this run has --shard-size 51"):
         run_download(config(corpus, out, limit=60, shard_size=SHARD + 1))
     with pytest.raises(UserError, match="different input"):
         run_download(config(corpus, out))  # no limit: a different input

@@ -6,15 +6,24 @@ no command pays for another's dependencies.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
 import warnings
 from collections.abc import Callable
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, TypeVar
 
 import typer
 
 from vlmdata import __version__
 from vlmdata.errors import UserError
+
+E = TypeVar("E", bound=BaseException)
 
 app = typer.Typer(
     help="Web-scale image-text URL lists -> offline CLIP embedding cache -> trained VLM adapters.",
@@ -24,6 +33,13 @@ app = typer.Typer(
 )
 
 # Options shared by several stages: one definition, one help text.
+AllowIncomplete = Annotated[
+    bool,
+    typer.Option(
+        "--allow-incomplete",
+        help="Take the finished shards of an unfinished input now, the rest on a later run.",
+    ),
+]
 ShardSize = Annotated[int, typer.Option(help="Rows (or images) per shard.")]
 MaxPixels = Annotated[
     int, typer.Option(help="Largest image (width x height) accepted; checked before decoding.")
@@ -60,18 +76,77 @@ def _show_warning(message: Warning | str, *args: object, **kwargs: object) -> No
     typer.echo(f"warning: {message}", err=True)  # one line, no source excerpt
 
 
-def run_stage(stage: Callable[[], object]) -> None:
-    """Run a stage and print its summary (or text); a user mistake is one line on stderr, exit 2."""
+def run_command(stage: Callable[[], object]) -> None:
+    """Run a stage and print its summary (or text).
+
+    A user mistake is one line on stderr and exit 2; a full disk or a denied write, one line
+    and exit 1; an internal failure, one line naming the log file that holds the traceback.
+    SIGTERM stops the run like Ctrl-C: one line, and the output resumes on a rerun.
+    """
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_show = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
         summary = stage()
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
+    except Exception as e:
+        code, message = _explain_failure(e)
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code) from None
+    finally:
+        warnings.showwarning = previous_show
+        signal.signal(signal.SIGTERM, previous_term)
     typer.echo(summary if isinstance(summary, str) else summary.format())
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota "
+                       "exceeded", errno.EROFS: "read-only file system"}  # fmt: skip
+
+
+def _explain_failure(error: BaseException) -> tuple[int, str]:
+    """The exit code and the one line to print for an exception that ended a command."""
+    user = _find(error, UserError)
+    if user is not None:
+        return 2, str(user)
+    disk = _find(error, OSError)
+    if disk is not None and disk.errno in _ENVIRONMENT_ERRNOS:
+        where = f" writing {disk.filename}" if disk.filename else ""
+        return 1, (f"{_ENVIRONMENT_ERRNOS[disk.errno]}{where}; free space and rerun the same "
+                   "command to resume")  # fmt: skip
+    log = _write_crash_log(error)
+    summary = str(error).splitlines()[0] if str(error) else ""
+    return 1, (f"internal error ({type(error).__name__}: {summary[:200]}); the traceback is in "
+               f"{log}; please report it")  # fmt: skip
+
+
+def _find(error: BaseException, kind: type[E]) -> E | None:
+    """``error`` itself or the first ``kind`` inside it (task groups wrap what they raise)."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _find(inner, kind)) is not None:
+                return found
+    return None
+
+
+def _write_crash_log(error: BaseException) -> Path:
+    """Save the full traceback (and a worker's, when a worker process failed) to a log file."""
+    folder = Path(tempfile.gettempdir()) / "vlmdata-logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"vlmdata-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = "".join(traceback.format_exception(error))
+    worker = getattr(error, "traceback", None)
+    if isinstance(worker, str):
+        text += "\nIn the worker process:\n" + worker
+    path.write_text(f"vlmdata {__version__}\n{' '.join(sys.argv)}\n\n{text}")
+    return path
 
 
 def square_options(
@@ -187,7 +262,7 @@ def download(
             )
         )
 
-    run_stage(stage)
+    run_command(stage)
 
 
 @app.command()
@@ -208,6 +283,7 @@ def preprocess(
     processes: Annotated[
         int, typer.Option(help="Worker processes, each squaring whole shards.")
     ] = os.cpu_count() or 1,
+    allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
 ) -> None:
     """Crop or pad every image to a square and resize it (EXIF-oriented, RGB), resumably."""
@@ -223,11 +299,12 @@ def preprocess(
                 max_pixels=max_pixels,
                 shard_size=shard_size,
                 processes=processes,
+                allow_incomplete=allow_incomplete,
                 quiet=quiet,
             )
         )
 
-    run_stage(stage)
+    run_command(stage)
 
 
 @app.command()
@@ -269,6 +346,7 @@ def encode(
     fill: Fill = "0,0,0",
     max_pixels: MaxPixels = 100_000_000,
     shard_size: ShardSize = 10_000,
+    allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
 ) -> None:
     """Encode images into CLIP patch-token features + embeddings (HDF5 shards), resumably."""
@@ -297,11 +375,12 @@ def encode(
                 square=SquareOptions(pad_threshold=pad_threshold, fill=parse_fill(fill)),
                 max_pixels=max_pixels,
                 shard_size=shard_size,
+                allow_incomplete=allow_incomplete,
                 quiet=quiet,
             )
         )
 
-    run_stage(stage)
+    run_command(stage)
 
 
 @app.command()
@@ -311,7 +390,7 @@ def inspect(
     """Show what a stage output or a shard file holds: rows, shapes, attributes, statuses."""
     from vlmdata.describe import describe
 
-    run_stage(lambda: describe(path))
+    run_command(lambda: describe(path))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ input sample (success, placeholder or failed_to_decode, with the placeholder sim
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,27 +27,23 @@ from vlmdata.encode.models import LoadedClip, load_clip, resolve_device
 from vlmdata.encode.placeholders import builtin_placeholders, load_references
 from vlmdata.encode.store import FeatureShardWriter
 from vlmdata.errors import UserError
-from vlmdata.pipeline.image_sources import (
-    ImageShard,
-    expected_samples,
-    find_image_shards,
-    fingerprint,
-)
+from vlmdata.pipeline.distributor import Progress
+from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, make_square
+from vlmdata.pipeline.runner import Stage, run_stage
 from vlmdata.pipeline.shards import (
-    FAILED_TO_DECODE,
     RECORD_SCHEMA,
     SUCCESS,
     ShardFiles,
     atomic_write_json,
-    check_plan,
-    exclusive_output,
-    read_json,
+    duplicate_fields,
+    read_state_json,
     shard_stats,
-    unfinished,
+    unique_key,
     write_parquet_atomic,
 )
-from vlmdata.pipeline.stats import RunProgress, RunSummary, close_run, completed_run
+from vlmdata.pipeline.stats import RunSummary
+from vlmdata.pipeline.upstream import check_tar_complete, expected_keys, open_image_input
 
 PLACEHOLDER = "placeholder"
 # For real CLIP weights: re-encodings of one image score above ~0.95, unrelated images well
@@ -85,6 +83,7 @@ class EncodeConfig:
     square: SquareOptions = field(default_factory=lambda: SquareOptions(size=448))
     max_pixels: int = 100_000_000
     shard_size: int = 10_000  # plain image folders only
+    allow_incomplete: bool = False  # take the finished shards of an unfinished upstream
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -97,9 +96,7 @@ class EncodeConfig:
 def run_encode(config: EncodeConfig) -> RunSummary:
     """Encode every image of ``config.input_dir`` into HDF5 shards under ``config.output_dir``."""
     source, out = Path(config.input_dir), Path(config.output_dir)
-    if out.resolve() == source.resolve():
-        raise UserError("OUTPUT_DIR must differ from INPUT_DIR; pass a new directory")
-    shards = find_image_shards(source, config.shard_size)
+    images = open_image_input(source, config.shard_size, config.allow_incomplete)
     device = resolve_device(config.device, config.precision)
     references = {} if not config.placeholder_filter else {
         **builtin_placeholders(), **load_references(list(config.references))
@@ -107,21 +104,26 @@ def run_encode(config: EncodeConfig) -> RunSummary:
     clip = load_clip(config.model, config.pretrained, device, config.precision)
     features = PatchFeatures(clip, config.layer, token_grid_side(config.tokens, clip))
     attrs = _attributes(config, clip, features, references)
-    with exclusive_output(out):
-        check_plan(out, {"stage": "encode", "input": fingerprint(shards), **attrs})
-        if done := completed_run(out):
-            return done
-        encoder = _ShardEncoder(config, clip, features, attrs, references)
-        started = time.monotonic()
-        progress = RunProgress(expected_samples(shards), config.quiet, unit="img")
-        try:
-            for shard in unfinished(shards, out, progress):
-                encoder.encode(shard, out, progress)
-        finally:
-            progress.close()
-        summary = close_run(out, progress, started)
-        _write_manifest(out, attrs)
-    return summary
+    encoder = _ShardEncoder(config, clip, features, attrs, references)
+    stage = Stage(
+        name="encode",
+        output_dir=out,
+        plan={"stage": "encode", "input": images.fingerprint, **attrs},
+        inputs=[source],
+        data_files=(".h5", ".parquet"),
+        planned_shards=[shard.name for shard in images.shards],
+        unit="img",
+        total_rows=expected_samples(images.shards),
+        quiet=config.quiet,
+        partial_input=images.partial,
+        before_complete=lambda out, names: _write_manifest(out, names, attrs),
+    )
+
+    def work(shards: Iterator[ImageShard], progress: Progress) -> None:
+        for shard in shards:  # one model in this process: shards one after another
+            encoder.encode(shard, out, progress)
+
+    return run_stage(stage, lambda stage: images.shards, work)
 
 
 def _attributes(
@@ -168,13 +170,19 @@ class _SquaredImages(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         part, parts = (worker.id, worker.num_workers) if worker else (0, 1)
+        seen: Counter[str] = Counter()  # every worker counts every key: repeats agree
         for index, sample in enumerate(self.shard.samples()):
+            key = unique_key(sample.key, seen)
             if index % parts != part:
+                continue
+            item = {"key": key, "caption": sample.caption or "", "url": sample.meta.get("url"),
+                    "source": sample.source, "image": None}  # fmt: skip
+            if key != sample.key:  # the first of a repeated key is kept: no decode
+                yield {**item, **duplicate_fields(sample.key)}
                 continue
             result, square = make_square(sample.image, self.options, self.max_pixels)
             tensor = None if square is None else normalized(square, self.mean, self.std)
-            yield {"key": sample.key, "caption": sample.caption or "",
-                   "url": sample.meta.get("url"), "source": sample.source, "image": tensor,
+            yield {**item, "image": tensor, "status": result.status,
                    "error_kind": result.error_kind, "error": result.error}  # fmt: skip
 
 
@@ -185,7 +193,8 @@ def normalized(square: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 def _collate(items: list[dict]) -> dict:
-    """Keep per-sample metadata as lists; stack the images that decoded."""
+    """Keep per-sample metadata as lists; stack the images that decoded (the rest: failures
+    and repeated keys)."""
     decoded = [item for item in items if item["image"] is not None]
     return {
         "failed": [item for item in items if item["image"] is None],
@@ -208,7 +217,7 @@ class _ShardEncoder:
         )
         self.references = _reference_embeds(references, clip, features, self.options)
 
-    def encode(self, shard: ImageShard, out: Path, progress: RunProgress) -> None:
+    def encode(self, shard: ImageShard, out: Path, progress: Progress) -> None:
         config, clip = self.config, self.clip
         started = time.monotonic()
         files = ShardFiles(out, shard.name)
@@ -222,13 +231,15 @@ class _ShardEncoder:
             out / f"{shard.name}.h5", self.features.side**2, clip.width, clip.embed_dim, self.attrs
         )
         records: list[dict] = []
+        expected = expected_keys(shard.tar) if shard.tar is not None else None
         try:
             for batch in loader:
                 for item in batch["failed"]:
-                    records.append(_record(item, FAILED_TO_DECODE))
-                    progress.record(FAILED_TO_DECODE, item["error_kind"], 0)
+                    records.append(_record(item, item["status"]))
+                    progress.record(item["status"], item["error_kind"], 0)
                 if batch["images"] is not None:
                     records += self._encode_batch(batch, writer, progress)
+            check_tar_complete(shard.tar, expected, {r["key"] for r in records})
             writer.close()
         except BaseException:
             writer.abort()
@@ -238,7 +249,7 @@ class _ShardEncoder:
         atomic_write_json(files.stats, shard_stats(shard.name, records, time.monotonic() - started))
 
     def _encode_batch(
-        self, batch: dict, writer: FeatureShardWriter, progress: RunProgress
+        self, batch: dict, writer: FeatureShardWriter, progress: Progress
     ) -> list[dict]:
         images = batch["images"].to(self.clip.device, self.clip.dtype, non_blocking=True)
         tokens, embeds = self.features(images)
@@ -268,8 +279,8 @@ def _record(
 ) -> dict:
     return {
         "key": item["key"], "url": item["url"], "caption": item["caption"] or None,
-        "status": status, "error_kind": item["error_kind"] if status == FAILED_TO_DECODE else None,
-        "error": item["error"] if status == FAILED_TO_DECODE else None,
+        "status": status, "error_kind": item["error_kind"] if status != SUCCESS else None,
+        "error": item["error"] if status != SUCCESS else None,
         "placeholder_similarity": similarity, "row": row, "source": item["source"],
     }  # fmt: skip
 
@@ -289,12 +300,11 @@ def _reference_embeds(
 _REFERENCE_MAX_PIXELS = 10**9  # references are the user's own files
 
 
-def _write_manifest(out: Path, attrs: dict) -> None:
+def _write_manifest(out: Path, names: list[str], attrs: dict) -> None:
     """``manifest.json``: the attributes, and every shard's file and row count."""
     shards = []
-    for stats_path in sorted(out.glob("*.stats.json")):
-        name = stats_path.name.removesuffix(".stats.json")
-        stats = read_json(stats_path)
+    for name in names:
+        stats = read_state_json(ShardFiles(out, name).stats)
         shards.append({"name": name, "file": f"{name}.h5", "rows": stats["status"].get(SUCCESS, 0)})
     atomic_write_json(out / "manifest.json", {"attrs": attrs, "shards": shards,
                                               "rows": sum(s["rows"] for s in shards)})  # fmt: skip

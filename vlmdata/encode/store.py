@@ -17,6 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from vlmdata.pipeline.shards import fsync_dir, fsync_file
+
 _STRING = h5py.string_dtype(encoding="utf-8")
 _EMBED_CHUNK_ROWS = 256
 _QUEUED_BATCHES = 4
@@ -75,7 +77,9 @@ class FeatureShardWriter:
         self._file.close()
         if self._error is not None:
             raise self._error
+        fsync_file(self.tmp)  # on disk before the shard's stats can vouch for it
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         return self.rows
 
     def abort(self) -> None:

@@ -25,7 +25,7 @@ import pyarrow as pa
 from aiohttp.abc import AbstractResolver
 
 from vlmdata.errors import UserError
-from vlmdata.pipeline.distributor import Progress, distribute
+from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.fetch import (
     RETRYABLE_KINDS,
     FetchPolicy,
@@ -35,6 +35,7 @@ from vlmdata.pipeline.fetch import (
     open_session,
 )
 from vlmdata.pipeline.imageops import ImageResult, SquareOptions, inspect_image, square_image
+from vlmdata.pipeline.runner import Stage, run_stage
 from vlmdata.pipeline.shards import (
     FAILED_TO_DECODE,
     FAILED_TO_DOWNLOAD,
@@ -42,15 +43,12 @@ from vlmdata.pipeline.shards import (
     SUCCESS,
     ShardFiles,
     ShardWriter,
-    check_plan,
-    exclusive_output,
-    read_json,
+    read_state_json,
     reopen_for_retry,
     shard_name,
-    unfinished,
 )
 from vlmdata.pipeline.sources import Shard, UrlSource
-from vlmdata.pipeline.stats import RunProgress, RunSummary, close_run, completed_run
+from vlmdata.pipeline.stats import RunSummary
 
 
 @dataclass
@@ -111,37 +109,47 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
         config.input_format, config.limit,
     )  # fmt: skip
     out = Path(config.output_dir)
-    with exclusive_output(out):
-        check_plan(out, config.plan(source))
-        hint = " Use --retry-failed to re-attempt retryable failures."
-        if not config.retry_failed and (done := completed_run(out, hint)):
-            return done
-        retried = _reopen_retryable_shards(out) if config.retry_failed else 0
-        started = time.monotonic()
-        progress = RunProgress(source.total_rows(), config.quiet)
+    total = source.total_rows()
+    planned = None
+    if total is not None:
+        planned = [shard_name(i) for i in range(math.ceil(total / config.shard_size))]
+    given = Path(config.input)
+    stage = Stage(
+        name="download",
+        output_dir=out,
+        plan=config.plan(source),
+        inputs=[*source.files, *([given] if given.is_dir() else [])],
+        data_files=(".tar", ".parquet"),
+        planned_shards=planned,
+        unit="url",
+        total_rows=total,
+        processes=config.processes,
+        quiet=config.quiet,
+        hint=(" No retryable failures are left." if config.retry_failed
+              else " Use --retry-failed to re-attempt retryable failures."),
+        reopen=_reopen_retryable_shards if config.retry_failed else None,
+    )  # fmt: skip
+
+    def shards(stage: Stage) -> Iterator[Shard]:
         # Finished shards come through the reader as empty tables: no row conversion.
-        shards = source.shards(
-            config.shard_size, wanted=lambda i: not ShardFiles(out, shard_name(i)).done
-        )
-        try:
-            distribute(
-                partial(download_shards, config, str(out), resolver),
-                unfinished(shards, out, progress),
-                config.processes,
-                progress,
-            )
-        finally:
-            progress.close()
-        return close_run(out, progress, started, retried)
+        wanted = lambda i: not stage.is_complete(shard_name(i))  # noqa: E731
+        return source.shards(config.shard_size, wanted=wanted)
+
+    return run_stage(stage, shards, partial(download_shards, config, str(out), resolver))
 
 
-def _reopen_retryable_shards(out: Path) -> int:
+def _reopen_retryable_shards(stage: Stage) -> int:
     """Reopen finished shards that hold retryable failures; return how many rows to retry."""
     total = 0
-    for stats_path in sorted(out.glob("*.stats.json")):
-        if RETRYABLE_KINDS & set(read_json(stats_path)["error_kind"]):
-            name = stats_path.name.removesuffix(".stats.json")
-            total += reopen_for_retry(ShardFiles(out, name), set(RETRYABLE_KINDS))
+    names = stage.planned_shards or sorted(
+        p.name.removesuffix(".stats.json") for p in stage.output_dir.glob("*.stats.json")
+    )
+    for name in names:
+        if not stage.is_complete(name):
+            continue  # unfinished shards are resumed anyway; strays are not shards
+        files = stage.shard_files(name)
+        if RETRYABLE_KINDS & set(read_state_json(files.stats).get("error_kind", {})):
+            total += reopen_for_retry(files, set(RETRYABLE_KINDS))
     return total
 
 
@@ -181,8 +189,10 @@ class ShardDownloader:
 
     async def run(self, shards: Iterator[Shard]) -> None:
         self.limiter = RequestLimiter(self.concurrency, self.per_host)
-        # Rows started but not yet written: bounds the memory held by bodies and tasks.
-        self.admission = asyncio.Semaphore(2 * self.concurrency)
+        # Rows started but not yet written. Bodies that arrived wait for their check inside
+        # this bound, so a SIGKILL loses at most --concurrency finished downloads (and memory
+        # held by bodies and tasks stays bounded).
+        self.admission = asyncio.Semaphore(self.concurrency)
         self.image_threads = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix="vlmdata-image")
         # Decoding and resizing is real CPU work: worker processes, sized to this process's
         # share of the cores.
@@ -227,7 +237,7 @@ class ShardDownloader:
             keys = [row["key"] for row in rows]
             duration = time.monotonic() - started
             schema = pa.schema([*RECORD_SCHEMA, *kept])
-            await asyncio.to_thread(writer.finish, keys, schema, duration)
+            await asyncio.to_thread(writer.finish, keys, schema, duration, rows)
         except BaseException:
             writer.close()
             raise

@@ -1,15 +1,18 @@
 """The preprocess stage: image shards in, ``size`` x ``size`` squares out (DESIGN.md, "preprocess").
 
 Every input sample keeps its key and gets one status row: ``success`` (cropped or padded),
-``filtered`` (shorter side below ``--min-side``) or ``failed_to_decode``. Shards are the unit of
-work: each worker process decodes, squares and encodes whole shards, so image bytes never cross
-a process boundary. Output shards follow the download contract and resume the same way.
+``filtered`` (shorter side below ``--min-side``), ``failed_to_decode``, or ``duplicate`` (a
+key repeated in its tar: the first is kept, the others recorded under ``KEY#2``, ...). Shards
+are the unit of work: each worker process decodes, squares and encodes whole shards, so image
+bytes never cross a process boundary. Output shards follow the download contract and resume
+the same way.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -18,23 +21,24 @@ from pathlib import Path
 import pyarrow as pa
 
 from vlmdata.errors import UserError
-from vlmdata.pipeline.distributor import Progress, distribute
-from vlmdata.pipeline.image_sources import (
-    ImageShard,
-    expected_samples,
-    find_image_shards,
-    fingerprint,
-)
+from vlmdata.pipeline.distributor import Progress
+from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, square_image
+from vlmdata.pipeline.runner import Stage, run_stage
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
     ShardFiles,
     ShardWriter,
-    check_plan,
-    exclusive_output,
-    unfinished,
+    duplicate_fields,
+    unique_key,
 )
-from vlmdata.pipeline.stats import RunProgress, RunSummary, close_run, completed_run
+from vlmdata.pipeline.stats import RunSummary
+from vlmdata.pipeline.upstream import (
+    ImageInput,
+    check_tar_complete,
+    expected_keys,
+    open_image_input,
+)
 
 _COLUMNS = ["key", "url", "caption", "status", "error_kind", "error", "bytes", "sha256", "format",
             "original_width", "original_height", "width", "height", "ratio", "action"]  # fmt: skip
@@ -53,6 +57,7 @@ class PreprocessConfig:
     max_pixels: int = 100_000_000  # larger images are refused before decoding
     shard_size: int = 10_000  # plain image folders only: tars keep their own shards
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    allow_incomplete: bool = False  # take the finished shards of an unfinished upstream
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -60,39 +65,37 @@ class PreprocessConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
-    def plan(self, shards: list[ImageShard]) -> dict:
+    def plan(self, images: ImageInput) -> dict:
         """The input and the options that change what lands in the output."""
         return {
             "stage": "preprocess",
-            "input": fingerprint(shards),
+            "input": images.fingerprint,
             "square": asdict(self.square),
             "max_pixels": self.max_pixels,
-            "shard_size": self.shard_size if shards[0].tar is None else None,
+            "shard_size": self.shard_size if images.shards[0].tar is None else None,
         }
 
 
 def run_preprocess(config: PreprocessConfig) -> RunSummary:
     """Square every image of ``config.input_dir`` into shards under ``config.output_dir``."""
     source, out = Path(config.input_dir), Path(config.output_dir)
-    if out.resolve() == source.resolve():
-        raise UserError("OUTPUT_DIR must differ from INPUT_DIR; pass a new directory")
-    shards = find_image_shards(source, config.shard_size)
-    with exclusive_output(out):
-        check_plan(out, config.plan(shards))
-        if done := completed_run(out):
-            return done
-        started = time.monotonic()
-        progress = RunProgress(expected_samples(shards), config.quiet, unit="img")
-        try:
-            distribute(
-                partial(preprocess_shards, config, str(out)),
-                unfinished(shards, out, progress),
-                min(config.processes, len(shards)),
-                progress,
-            )
-        finally:
-            progress.close()
-        return close_run(out, progress, started)
+    images = open_image_input(source, config.shard_size, config.allow_incomplete)
+    stage = Stage(
+        name="preprocess",
+        output_dir=out,
+        plan=config.plan(images),
+        inputs=[source],
+        data_files=(".tar", ".parquet"),
+        planned_shards=[shard.name for shard in images.shards],
+        unit="img",
+        total_rows=expected_samples(images.shards),
+        processes=min(config.processes, len(images.shards)),
+        quiet=config.quiet,
+        partial_input=images.partial,
+    )
+    return run_stage(
+        stage, lambda stage: images.shards, partial(preprocess_shards, config, str(out))
+    )
 
 
 def preprocess_shards(
@@ -108,16 +111,21 @@ def preprocess_shard(
 ) -> None:
     started = time.monotonic()
     writer = ShardWriter(ShardFiles(out, shard.name))
+    expected = expected_keys(shard.tar) if shard.tar is not None else None
     try:
         keys: list[str] = []
-        seen: set[str] = set()
+        seen: Counter[str] = Counter()
         for sample in shard.samples():
-            if sample.key in seen:
-                continue  # a key repeated inside the input tar: keep its first sample
-            seen.add(sample.key)
-            keys.append(sample.key)
-            if sample.key in writer.records:  # done before an interruption
+            key = unique_key(sample.key, seen)
+            keys.append(key)
+            if key in writer.records:  # done before an interruption
                 progress.skip(1)
+                continue
+            if key != sample.key:  # a key repeated inside the input: the first is kept
+                record = {"key": key, "url": sample.meta.get("url"), "caption": sample.caption,
+                          **duplicate_fields(sample.key), "source": sample.source}  # fmt: skip
+                writer.add(record)
+                progress.record(record["status"], record["error_kind"], 0)
                 continue
             image = square_image(sample.image, config.square, config.max_pixels)
             record = {
@@ -133,6 +141,7 @@ def preprocess_shard(
             else:
                 writer.add(record)
             progress.record(image.status, image.error_kind, record["bytes"] if image.ok else 0)
+        check_tar_complete(shard.tar, expected, set(seen))
         # Downloads append samples as they finish: the parquet goes back to key order.
         writer.finish(sorted(keys), PREPROCESS_SCHEMA, time.monotonic() - started)
     except BaseException:

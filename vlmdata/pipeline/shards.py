@@ -2,26 +2,32 @@
 
 Per shard ``NNNNN`` an output directory holds ``NNNNN.tar`` (KEY.<ext>, KEY.txt, KEY.json),
 ``NNNNN.parquet`` (one row per input row, whatever happened to it) and ``NNNNN.stats.json``,
-written last: its presence is what marks the shard done.
+written last: with the data files beside it, it is what marks the shard done. Data files are
+fsynced before the marker and the directory after the renames, so a power cut cannot leave a
+marker that vouches for an empty file.
 
 While a shard is in progress its samples are appended to ``NNNNN.tar.partial`` and its failures
 to ``NNNNN.journal.jsonl`` as they finish. A sample's KEY.json (its full status row) is its last
 tar member, so after a SIGKILL :class:`ShardWriter` keeps every sample whose KEY.json is whole,
-truncates the torn tail, and the stage fetches only what is missing.
+truncates the torn tail, and the stage fetches only what is missing. Every append is whole
+or absent (a short write on a full disk is cut back), and recovery drops anything torn.
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
+import shutil
 import tarfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import BinaryIO, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,21 +38,20 @@ SUCCESS = "success"
 FAILED_TO_DOWNLOAD = "failed_to_download"
 FAILED_TO_DECODE = "failed_to_decode"
 FILTERED = "filtered"  # a valid image a rule left out (e.g. --min-side)
+DUPLICATE = "duplicate"  # a key seen before in the same input shard (the first is kept)
 RATIO_BINS = 20  # histogram of min(w, h) / max(w, h) over [0, 1] in image stages' stats
 SIMILARITY_BINS = 50  # histogram of the max cosine similarity to a placeholder, over [0, 1]
 
 _BLOCK = 512
 
 
-class _Named(Protocol):
+PLAN = "plan.json"
+
+
+class Named(Protocol):
+    """A shard of any stage's input: all the runner needs is its output name."""
+
     name: str
-
-
-class SkipCounter(Protocol):
-    def skip(self, rows: int) -> None: ...
-
-
-S = TypeVar("S", bound=_Named)
 
 # Columns of every shard parquet, before the kept input columns.
 RECORD_SCHEMA = pa.schema(
@@ -76,13 +81,14 @@ RECORD_SCHEMA = pa.schema(
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file, an fsync and an atomic rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
@@ -90,14 +96,74 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    """Write ``table`` under a temporary name, fsync it, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp, compression="zstd")
+    fsync_file(tmp)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file written by a library that does not fsync (parquet, HDF5) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames in ``path`` survive a power cut (a rename lives in the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_state_json(path: Path, missing_ok: bool = False) -> dict | None:
+    """A state file written by a stage (plan, stats): a JSON object, or one clear UserError."""
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UserError(f"{path} is missing; rerun the stage that writes it") from None
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{path} is damaged ({type(e).__name__}: {e}); delete it and rerun the stage"
+        ) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); delete it and rerun the stage")
+    return value
+
+
+def stage_of(out: Path) -> str | None:
+    """The stage whose output ``out`` holds, from its ``plan.json`` (None: no plan there)."""
+    plan = read_state_json(out / PLAN, missing_ok=True)
+    if plan is None:
+        return None
+    stage = plan.get("stage")
+    return stage if isinstance(stage, str) else "unknown"
+
+
+def unique_key(key: str, seen: Counter[str]) -> str:
+    """``key`` the first time it is seen, ``KEY#n`` the n-th time: a repeated key still gets a
+    status row of its own, and keys stay unique within a stage output."""
+    seen[key] += 1
+    return key if seen[key] == 1 else f"{key}#{seen[key]}"
+
+
+def duplicate_fields(key: str) -> dict:
+    """The status columns of a repeated key's row."""
+    message = f"key {key} appears again in this input shard; the first one is kept"
+    return {"status": DUPLICATE, "error_kind": "duplicate_key", "error": message}
 
 
 def shard_name(index: int) -> str:
@@ -106,7 +172,11 @@ def shard_name(index: int) -> str:
 
 
 class ShardFiles:
-    """The paths of shard ``name`` in ``out_dir``."""
+    """The paths of shard ``name`` in ``out_dir``.
+
+    ``retry_*`` are where ``--retry-failed`` rebuilds a finished shard beside the old one, so
+    readers keep the old shard until the new one is swapped in whole.
+    """
 
     def __init__(self, out_dir: Path, name: str) -> None:
         self.name = name
@@ -115,10 +185,22 @@ class ShardFiles:
         self.stats = out_dir / f"{name}.stats.json"
         self.partial_tar = out_dir / f"{name}.tar.partial"
         self.journal = out_dir / f"{name}.journal.jsonl"
+        self.retry_tar = out_dir / f"{name}.retry.tar.partial"
+        self.retry_journal = out_dir / f"{name}.retry.journal.jsonl"
 
-    @property
-    def done(self) -> bool:
-        return self.stats.exists()
+    def data(self, suffix: str) -> Path:
+        return self.tar.with_name(f"{self.name}{suffix}")
+
+
+def is_shard_complete(files: ShardFiles, data_files: tuple[str, ...]) -> bool:
+    """The shard's marker is a whole stats file, its data files exist, no retry is pending."""
+    if files.retry_journal.exists() or not all(files.data(s).exists() for s in data_files):
+        return False
+    try:
+        stats = read_state_json(files.stats, missing_ok=True)
+    except UserError:
+        return False  # a damaged marker marks nothing: the shard is redone
+    return stats is not None and isinstance(stats.get("rows"), int)
 
 
 @contextmanager
@@ -126,8 +208,14 @@ def exclusive_output(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir`` for one run: two runs writing the same shards would corrupt them."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} exists and is not a directory; pass a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "a") as lock:  # "a": the lock never rewrites the file
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".lock", "a")  # "a": the lock never rewrites the file
+    except OSError as e:
+        raise UserError(
+            f"cannot write to output {out_dir} ({e.strerror or e}); pass a writable directory"
+        ) from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS if we die
         except BlockingIOError:
@@ -137,47 +225,53 @@ def exclusive_output(out_dir: Path) -> Iterator[None]:
         yield
 
 
-def unfinished(shards: Iterable[S], out_dir: Path, progress: SkipCounter) -> Iterator[S]:
-    """The shards not yet finished in ``out_dir``; finished ones are counted as skipped."""
-    for shard in shards:
-        files = ShardFiles(out_dir, shard.name)
-        if files.done:
-            progress.skip(read_json(files.stats)["rows"])
-        else:
-            yield shard
-
-
 def check_plan(out_dir: Path, plan: dict) -> None:
     """Record ``plan`` in ``out_dir/plan.json``, or refuse if a different plan is there."""
-    path = out_dir / "plan.json"
+    path = out_dir / PLAN
     plan = json.loads(json.dumps(plan))  # compare as stored: tuples become lists
-    if path.exists():
-        previous, current = _flatten(read_json(path)), _flatten(plan)
-        for field in sorted(set(previous) | set(current)):
-            if previous.get(field) != current.get(field):
-                raise UserError(
-                    f"{out_dir} holds a run with a different {field} "
-                    f"({_short(previous.get(field))} there, {_short(current.get(field))} now); "
-                    "rerun with the same input and options, or use a new output directory"
-                )
+    previous = read_state_json(path, missing_ok=True)
+    if previous is None:
+        atomic_write_json(path, plan)
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, plan)
+    if previous.get("input") != plan.get("input"):
+        raise UserError(
+            f"{out_dir} was made from a different input ({_short(previous.get('input'))}); "
+            "pass the same input, or use another directory for this one"
+        )
+    for option in sorted(set(previous) | set(plan)):
+        before, now = previous.get(option), plan.get(option)
+        if before == now:
+            continue
+        if isinstance(before, dict) and isinstance(now, dict):  # name the sub-option
+            option = next(f"{option}.{k}" for k in sorted(set(before) | set(now))
+                          if before.get(k) != now.get(k))  # fmt: skip
+            before, now = before.get(option.split(".")[1]), now.get(option.split(".")[1])
+        raise UserError(
+            f"{out_dir} was made with {_as_flag(option, before)}, this run has "
+            f"{_as_flag(option, now)}; pass the same options again, or use another directory"
+        )
 
 
-def _flatten(plan: dict, prefix: str = "") -> dict:
-    """``{"square": {"size": 448}}`` -> ``{"square.size": 448}``: errors name the leaf."""
-    flat = {}
-    for key, value in plan.items():
-        if isinstance(value, dict) and key != "input":  # the input is compared as a whole
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+# Plan entries whose command-line flag is not their own name.
+_FLAGS = {"resize.size": "--resize"}
+
+
+def _as_flag(option: str, value: object) -> str:
+    """A plan entry in the words of the command line: ``--pad-threshold 0.6``, ``no --resize``."""
+    flag = _FLAGS.get(option, "--" + option.rsplit(".", 1)[-1].replace("_", "-"))
+    if isinstance(value, dict) and "size" in value:  # a whole option group: --resize 448
+        value = value["size"]
+    if value is None or value is False:
+        return f"no {flag}"
+    if value is True:
+        return flag
+    if isinstance(value, list):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {_short(value)}"
 
 
 def _short(value: object) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -185,60 +279,75 @@ class ShardWriter:
     """Collects the results of one shard and writes its files.
 
     Opening it recovers what an interrupted run left (``records`` holds those rows by key);
-    :meth:`add` appends one finished row; :meth:`finish` writes parquet and stats.
+    :meth:`add` appends one finished row; :meth:`finish` writes parquet and stats. A shard
+    with a pending ``--retry-failed`` is rebuilt in its ``retry_*`` files, from a copy of the
+    finished tar, and swapped in at the end: the old shard stays readable throughout.
     """
 
     def __init__(self, files: ShardFiles) -> None:
         self.files = files
         self.records: dict[str, dict] = {}
-        if files.tar.exists() and not files.partial_tar.exists():
-            os.replace(files.tar, files.partial_tar)  # killed between finish steps: reopen it
+        self.retrying = files.retry_journal.exists()
+        if self.retrying:
+            self.partial, self.journal = files.retry_tar, files.retry_journal
+            if not self.partial.exists():
+                _copy_atomic(files.tar, self.partial)
+        else:
+            self.partial, self.journal = files.partial_tar, files.journal
+            if files.tar.exists() and not self.partial.exists():
+                os.replace(files.tar, self.partial)  # killed between finish steps: reopen it
         self._recover_tar()
         self._recover_journal()
-        self._tar = open(files.partial_tar, "ab")
+        self._tar = open(self.partial, "ab")
         # Unbuffered: each failure is one write(2), on disk (page cache) before the next row.
-        self._journal = open(files.journal, "ab", buffering=0)
+        self._journal = open(self.journal, "ab", buffering=0)
         self._lock = threading.Lock()  # rows finish on several threads
 
     def add(self, record: dict, image: bytes | None = None, extension: str | None = None) -> None:
         """Record one finished row; a success also stores its image, caption and metadata."""
         key = record["key"]
-        meta = json.dumps(record, ensure_ascii=False)
-        if image is not None:
-            caption = (record.get("caption") or "").encode()
-            # Image first, KEY.json last: a sample counts only once its metadata is whole.
-            headers = [
-                _tar_header(f"{key}.{extension}", len(image)),
-                _tar_header(f"{key}.txt", len(caption)),
-                _tar_header(f"{key}.json", len(meta.encode())),
-            ]
+        meta = json.dumps(record, ensure_ascii=False, default=_json_text).encode()
+        if image is None:
             with self._lock:
-                self._tar.write(headers[0])
-                self._tar.write(image)
-                self._tar.write(
-                    _padding(len(image)) + headers[1] + caption + _padding(len(caption))
-                )
-                self._tar.write(headers[2] + meta.encode() + _padding(len(meta.encode())))
-                self._tar.flush()
+                _append_whole(self._journal, meta + b"\n")
                 self.records[key] = record
-        else:
-            with self._lock:
-                self._journal.write((meta + "\n").encode())
-                self.records[key] = record
+            return
+        caption = (record.get("caption") or "").encode()
+        # Image first, KEY.json last: a sample counts only once its metadata is whole.
+        sample = b"".join([
+            _tar_header(f"{key}.{extension}", len(image)), image, _padding(len(image)),
+            _tar_header(f"{key}.txt", len(caption)), caption, _padding(len(caption)),
+            _tar_header(f"{key}.json", len(meta)), meta, _padding(len(meta)),
+        ])  # fmt: skip
+        with self._lock:
+            _append_whole(self._tar, sample)
+            self.records[key] = record
 
-    def finish(self, keys: Iterable[str], schema: pa.Schema, duration_s: float) -> dict:
-        """Write the final tar, parquet (rows in ``keys`` order) and stats; return the stats."""
-        self._tar.write(b"\0" * (2 * _BLOCK))  # end-of-archive marker
-        self._tar.flush()
+    def finish(
+        self, keys: Iterable[str], schema: pa.Schema, duration_s: float,
+        inputs: list[dict] | None = None,
+    ) -> dict:  # fmt: skip
+        """Write the final tar, parquet (rows in ``keys`` order) and stats; return the stats.
+
+        ``inputs`` (aligned with ``keys``) are the input rows: their values win over the
+        recorded ones, so kept columns keep their own types (KEY.json holds text forms).
+        """
+        _append_whole(self._tar, b"\0" * (2 * _BLOCK))  # end-of-archive marker
         os.fsync(self._tar.fileno())
         self._tar.close()
         self._journal.close()
+        keys = list(keys)
         rows = [self.records[key] for key in keys]
-        os.replace(self.files.partial_tar, self.files.tar)
-        write_parquet_atomic(self.files.parquet, pa.Table.from_pylist(rows, schema=schema))
+        if inputs is not None:
+            rows = [{**row, **given} for row, given in zip(rows, inputs, strict=True)]
+        table = pa.Table.from_pylist(rows, schema=schema)
+        # The tar first: at every moment the parquet's successes are in the tar beside it.
+        os.replace(self.partial, self.files.tar)
+        write_parquet_atomic(self.files.parquet, table)
         stats = shard_stats(self.files.name, rows, duration_s)
         atomic_write_json(self.files.stats, stats)
-        self.files.journal.unlink(missing_ok=True)
+        self.journal.unlink(missing_ok=True)  # for a retry: the end of the swap
+        fsync_dir(self.files.stats.parent)
         return stats
 
     def close(self) -> None:
@@ -247,64 +356,100 @@ class ShardWriter:
         self._journal.close()
 
     def _recover_tar(self) -> None:
-        path = self.files.partial_tar
-        if not path.exists():
+        """Keep every whole sample of the partial tar (KEY.json last) and cut the torn tail."""
+        if not self.partial.exists():
             return
-        size = path.stat().st_size
+        size = self.partial.stat().st_size
         valid_end = 0
-        with open(path, "r+b") as f:
-            offset = 0
-            while offset + _BLOCK <= size:
-                f.seek(offset)
-                header = f.read(_BLOCK)
-                try:
-                    info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-                except tarfile.TarError:
-                    break  # zero block (end marker) or a torn header
-                data_end = offset + _BLOCK + info.size
-                if data_end > size:
-                    break
-                if info.name.endswith(".json"):
-                    try:
-                        record = json.loads(f.read(info.size))
-                    except ValueError:
-                        break
-                    self.records[record["key"]] = record
-                    valid_end = data_end + (-info.size % _BLOCK)
-                offset = data_end + (-info.size % _BLOCK)
-            f.truncate(valid_end)
+        with open(self.partial, "rb") as f:
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    while (member := tar.next()) is not None:
+                        data_end = member.offset_data + member.size
+                        if data_end > size:
+                            break  # cut inside the data
+                        if member.name.endswith(".json"):
+                            record = _parse_record(tar.extractfile(member).read())
+                            if record is None:
+                                break
+                            self.records[record["key"]] = record
+                            valid_end = data_end + (-member.size % _BLOCK)
+            except (tarfile.TarError, EOFError, OSError):
+                pass  # a torn header: everything before it is kept
+        os.truncate(self.partial, valid_end)
 
     def _recover_journal(self) -> None:
-        if not self.files.journal.exists():
+        """Keep every whole line that parses; drop a torn tail or a torn line in the middle."""
+        if not self.journal.exists():
             return
-        with open(self.files.journal, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        complete = lines[:-1]  # the last piece is empty, or a line torn by the kill
-        for line in complete:
-            record = json.loads(line)
-            self.records[record["key"]] = record
-        # Rewrite without the torn tail so appends start on a line boundary.
-        atomic_write_bytes(self.files.journal, "".join(line + "\n" for line in complete).encode())
+        kept = []
+        for line in self.journal.read_bytes().split(b"\n")[:-1]:  # the last piece is torn
+            record = _parse_record(line)
+            if record is not None:
+                self.records[record["key"]] = record
+                kept.append(line + b"\n")
+        # Rewrite without the torn pieces so appends start on a line boundary.
+        atomic_write_bytes(self.journal, b"".join(kept))
+
+
+def _parse_record(data: bytes) -> dict | None:
+    """A status row as written by :meth:`ShardWriter.add`, or None if it is damaged."""
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("key"), str) else None
+
+
+def _append_whole(f: BinaryIO, data: bytes) -> None:
+    """Append ``data`` completely or not at all: a short write (a full disk) is cut back."""
+    start = f.tell()
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view) :]
+        f.flush()
+    except BaseException:
+        f.truncate(start)
+        raise
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, target)
+
+
+def _json_text(value: object) -> str:
+    """Text forms for KEY.json of kept columns JSON has no type for (timestamps, bytes)."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
 
 
 def reopen_for_retry(files: ShardFiles, retry: set[str]) -> int:
-    """Turn a finished shard back into an in-progress one whose rows with an ``error_kind``
-    in ``retry`` are left to do. Returns how many rows will be retried (0: shard untouched).
+    """Start rebuilding a finished shard whose rows with an ``error_kind`` in ``retry`` are
+    left to do. Returns how many rows will be retried (0: shard untouched).
 
-    Crash-safe at every step: the journal of kept failures is in place before the stats
-    file goes, and a shard without stats is resumed from its tar and journal.
+    The retry journal (the failures kept as they are) is the one file this writes; its
+    presence marks the retry pending. The finished shard is not touched until the rebuilt one
+    replaces it (:class:`ShardWriter`), so readers and a kill never see it disappear.
     """
-    table = pq.read_table(files.parquet)
-    rows = table.to_pylist()
-    again = [r for r in rows if r["status"] == FAILED_TO_DOWNLOAD and r["error_kind"] in retry]
+    rows = pq.read_table(files.parquet).to_pylist()
+    again = {
+        r["key"] for r in rows if r["status"] == FAILED_TO_DOWNLOAD and r["error_kind"] in retry
+    }
     if not again:
         return 0
-    again_keys = {r["key"] for r in again}
-    kept = [r for r in rows if r["status"] != SUCCESS and r["key"] not in again_keys]
+    kept = [r for r in rows if r["status"] != SUCCESS and r["key"] not in again]
     atomic_write_bytes(
-        files.journal, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode()
-    )
-    files.stats.unlink()
+        files.retry_journal,
+        b"".join(json.dumps(r, ensure_ascii=False, default=_json_text).encode() + b"\n"
+                 for r in kept),
+    )  # fmt: skip
     return len(again)
 
 
@@ -349,7 +494,7 @@ def _tar_header(name: str, size: int) -> bytes:
     info.size = size
     info.mtime = int(time.time())
     info.mode = 0o644
-    return info.tobuf(format=tarfile.USTAR_FORMAT)
+    return info.tobuf(format=tarfile.PAX_FORMAT)  # PAX: names over 100 bytes, UTF-8
 
 
 def _padding(size: int) -> bytes:

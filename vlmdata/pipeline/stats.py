@@ -7,11 +7,10 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 
-from vlmdata.pipeline.shards import SUCCESS, atomic_write_json, read_json
+from vlmdata.pipeline.shards import SUCCESS
 
 EARLY_WARNING_ROWS = 1000  # judge the failure rate once this many rows are done
 EARLY_WARNING_FAILURE_RATE = 0.5
@@ -32,7 +31,7 @@ def merge_stats(shard_stats: list[dict]) -> dict:
     totals: dict = {"shards": len(shard_stats)}
     for stats in shard_stats:
         for key, value in stats.items():
-            if key in ("shard", "finished_at", "duration_s"):
+            if key in ("shard", "finished_at", "duration_s", "input"):
                 continue
             if isinstance(value, dict):
                 totals[key] = dict(Counter(totals.get(key, {})) + Counter(value))
@@ -114,6 +113,7 @@ class RunSummary:
     bytes_this_run: int = 0
     nothing_to_do: bool = False
     retried: int = 0
+    partial_input: bool = False  # made from the finished part of an unfinished upstream
     hint: str = ""  # appended to the "nothing to do" line
 
     @property
@@ -144,6 +144,11 @@ class RunSummary:
             lines.append(f"  squares: {actions}")
         if self.retried:
             lines.append(f"  re-attempted {self.retried} retryable failures")
+        if self.partial_input:
+            lines.append(
+                "  the input is unfinished: this output covers its finished shards and stays "
+                "incomplete; rerun once the input is done"
+            )
         volume = f", {self.bytes_this_run / 1e6:.1f} MB" if self.bytes_this_run else ""
         rates = f", {self.mb_per_s:.1f} MB/s" if self.bytes_this_run else ""
         lines.append(
@@ -151,25 +156,3 @@ class RunSummary:
             f"{self.elapsed_s:.1f} s ({self.images_per_s:.1f} images/s{rates})"
         )
         return "\n".join(lines)
-
-
-def completed_run(out: Path, hint: str = "") -> RunSummary | None:
-    """A "nothing to do" summary when ``out`` holds a finished run, else None."""
-    root = out / "stats.json"
-    if root.exists() and read_json(root)["complete"]:
-        return RunSummary(str(out), read_json(root), nothing_to_do=True, hint=hint)
-    return None
-
-
-def close_run(out: Path, progress: RunProgress, started: float, retried: int = 0) -> RunSummary:
-    """Total the shard stats into ``out/stats.json`` (marking the run complete); summarize."""
-    totals = merge_stats([read_json(p) for p in sorted(out.glob("*.stats.json"))])
-    atomic_write_json(out / "stats.json", {**totals, "complete": True})
-    return RunSummary(
-        str(out), totals,
-        elapsed_s=time.monotonic() - started,
-        rows_this_run=sum(progress.status.values()),
-        images_this_run=progress.status[SUCCESS],
-        bytes_this_run=progress.bytes,
-        retried=retried,
-    )  # fmt: skip

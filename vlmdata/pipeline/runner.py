@@ -1,0 +1,183 @@
+"""The one stage runner: every stage (download, preprocess, encode, ...) runs through
+:func:`run_stage`, so what makes a run trustworthy is written once.
+
+The skeleton: refuse an output that is, holds or sits inside the input; lock the output; refuse
+a directory that is not this stage's own (another tool's files, another stage, a lost plan);
+compare the plan; say "nothing to do" only when every planned shard is really there; run the
+unfinished shards with a progress bar; total exactly the planned shards, write whatever the
+stage adds (a manifest), and only then mark the run complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from vlmdata.errors import UserError
+from vlmdata.pipeline.distributor import Work, distribute
+from vlmdata.pipeline.shards import (
+    Named,
+    ShardFiles,
+    atomic_write_json,
+    check_plan,
+    exclusive_output,
+    is_shard_complete,
+    read_state_json,
+    stage_of,
+)
+from vlmdata.pipeline.stats import RunProgress, RunSummary, merge_stats
+
+S = TypeVar("S", bound=Named)
+
+ROOT_STATS = "stats.json"
+
+
+@dataclass
+class Stage:
+    """What :func:`run_stage` needs to know about one stage run."""
+
+    name: str  # "download": recorded in plan.json, named in refusals
+    output_dir: Path
+    plan: dict  # the input and the options that shape the output
+    inputs: list[Path]  # the output may be none of these, inside one, or hold one
+    data_files: tuple[str, ...]  # what a done shard holds beside its stats: (".tar", ".parquet")
+    planned_shards: list[str] | None = None  # None: learned while reading the input
+    unit: str = "url"
+    total_rows: int | None = None
+    processes: int = 1
+    quiet: bool = False
+    hint: str = ""  # appended to the "nothing to do" line
+    partial_input: bool = False  # only part of an unfinished upstream: never marked complete
+    # download --retry-failed: reopen finished shards before the run; returns rows to redo.
+    reopen: Callable[[Stage], int] | None = None
+    # Written after the shards and before the completion marker (encode's manifest).
+    before_complete: Callable[[Path, list[str]], None] | None = None
+    _seen: list[str] = field(default_factory=list, repr=False)
+
+    def shard_files(self, name: str) -> ShardFiles:
+        return ShardFiles(self.output_dir, name)
+
+    def is_complete(self, name: str) -> bool:
+        """Shard ``name`` is done: its stats marker and every data file are present."""
+        return is_shard_complete(self.shard_files(name), self.data_files)
+
+
+def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) -> RunSummary:
+    """Run ``work`` over the unfinished shards of ``shards(stage)`` and total the output.
+
+    ``shards`` is called once the output is locked and checked; it may use
+    ``stage.is_complete`` to skip reading finished shards.
+    """
+    out = stage.output_dir
+    check_output_location(out, stage.inputs)
+    with exclusive_output(out):
+        check_ownership(out, stage.name)
+        check_plan(out, stage.plan)
+        done = completed_run(stage)
+        if done and not stage.reopen:
+            return done
+        _mark_incomplete(out)  # from here on, no reader may take the output for complete
+        retried = stage.reopen(stage) if stage.reopen else 0
+        if done and not retried:
+            atomic_write_json(out / ROOT_STATS, done.totals)  # nothing reopened: still complete
+            return done
+        progress = RunProgress(stage.total_rows, stage.quiet, unit=stage.unit)
+        started = time.monotonic()
+        try:
+            distribute(work, _unfinished(stage, shards(stage), progress), stage.processes, progress)
+        finally:
+            progress.close()
+        return close_run(stage, progress, started, retried)
+
+
+def check_output_location(out: Path, inputs: list[Path]) -> None:
+    """Refuse an empty OUTPUT_DIR, or one that is, sits inside or holds an input."""
+    if not str(out).strip():
+        raise UserError("OUTPUT_DIR is empty; pass a directory for the output")
+    target = out.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            raise UserError(
+                f"OUTPUT_DIR {out} must differ from the input {path}, neither inside it nor "
+                "holding it; pass a directory outside the input"
+            )
+
+
+def check_ownership(out: Path, stage: str) -> None:
+    """Refuse to write into a directory that is neither empty nor this stage's own output."""
+    entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    if not entries:
+        return
+    owner = stage_of(out)
+    if owner == stage:
+        return
+    if owner is not None:
+        raise UserError(
+            f"{out} holds a {owner} output; write the {stage} output to another directory"
+        )
+    listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise UserError(
+        f"{out} is not empty and holds no vlmdata plan.json ({len(entries)} entries: {listed}); "
+        "write to an empty directory (a resume needs the directory's own plan.json)"
+    )
+
+
+def completed_run(stage: Stage) -> RunSummary | None:
+    """A "nothing to do" summary when every planned shard is complete, else None."""
+    root = read_state_json(stage.output_dir / ROOT_STATS, missing_ok=True)
+    if not root or not root.get("complete"):
+        return None
+    names = root.get("shard_names")
+    if not isinstance(names, list) or (
+        stage.planned_shards is not None and names != stage.planned_shards
+    ):
+        return None
+    if not all(stage.is_complete(name) for name in names):
+        return None
+    return RunSummary(str(stage.output_dir), root, nothing_to_do=True, hint=stage.hint)
+
+
+def close_run(stage: Stage, progress: RunProgress, started: float, retried: int) -> RunSummary:
+    """Total the planned shards into ``stats.json`` and mark the run complete, if it is."""
+    out = stage.output_dir
+    names = stage._seen
+    stats = [read_state_json(stage.shard_files(name).stats) for name in names]
+    totals = merge_stats(stats)
+    complete = not stage.partial_input and all(stage.is_complete(name) for name in names)
+    if complete and stage.before_complete:
+        stage.before_complete(out, names)
+    atomic_write_json(out / ROOT_STATS, {**totals, "shard_names": names, "complete": complete})
+    return RunSummary(
+        str(out), totals,
+        elapsed_s=time.monotonic() - started,
+        rows_this_run=sum(progress.status.values()),
+        images_this_run=progress.status["success"],
+        bytes_this_run=progress.bytes,
+        retried=retried,
+        partial_input=stage.partial_input,
+    )  # fmt: skip
+
+
+def _unfinished(stage: Stage, shards: Iterable[S], progress: RunProgress) -> Iterator[S]:
+    """The shards still to do; finished ones are counted as skipped. Records every name."""
+    stage._seen = []
+    for shard in shards:
+        stage._seen.append(shard.name)
+        files = stage.shard_files(shard.name)
+        if stage.is_complete(shard.name):
+            progress.skip(read_state_json(files.stats)["rows"])
+            continue
+        # A marker whose data files are gone vouches for nothing: drop it before redoing.
+        files.stats.unlink(missing_ok=True)
+        yield shard
+
+
+def _mark_incomplete(out: Path) -> None:
+    path = out / ROOT_STATS
+    root = read_state_json(path, missing_ok=True)
+    if root and root.get("complete"):
+        atomic_write_json(path, {**root, "complete": False})
