@@ -30,7 +30,7 @@ from vlmdata.errors import UserError
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, make_square
-from vlmdata.pipeline.runner import Stage, run_stage
+from vlmdata.pipeline.runner import Stage, output_path, run_stage
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
     SUCCESS,
@@ -95,7 +95,7 @@ class EncodeConfig:
 
 def run_encode(config: EncodeConfig) -> RunSummary:
     """Encode every image of ``config.input_dir`` into HDF5 shards under ``config.output_dir``."""
-    source, out = Path(config.input_dir), Path(config.output_dir)
+    source, out = Path(config.input_dir), output_path(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
     device = resolve_device(config.device, config.precision)
     references = {} if not config.placeholder_filter else {

@@ -35,7 +35,7 @@ from vlmdata.pipeline.fetch import (
     open_session,
 )
 from vlmdata.pipeline.imageops import ImageResult, SquareOptions, inspect_image, square_image
-from vlmdata.pipeline.runner import Stage, run_stage
+from vlmdata.pipeline.runner import Stage, output_path, run_stage
 from vlmdata.pipeline.shards import (
     FAILED_TO_DECODE,
     FAILED_TO_DOWNLOAD,
@@ -108,7 +108,7 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
         config.input, config.url_col, config.caption_col, config.keep_cols,
         config.input_format, config.limit,
     )  # fmt: skip
-    out = Path(config.output_dir)
+    out = output_path(config.output_dir)
     total = source.total_rows()
     planned = None
     if total is not None:

@@ -24,7 +24,7 @@ from vlmdata.errors import UserError
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, square_image
-from vlmdata.pipeline.runner import Stage, run_stage
+from vlmdata.pipeline.runner import Stage, output_path, run_stage
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
     ShardFiles,
@@ -78,7 +78,7 @@ class PreprocessConfig:
 
 def run_preprocess(config: PreprocessConfig) -> RunSummary:
     """Square every image of ``config.input_dir`` into shards under ``config.output_dir``."""
-    source, out = Path(config.input_dir), Path(config.output_dir)
+    source, out = Path(config.input_dir), output_path(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
     stage = Stage(
         name="preprocess",

@@ -93,10 +93,15 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
         return close_run(stage, progress, started, retried)
 
 
-def check_output_location(out: Path, inputs: list[Path]) -> None:
-    """Refuse an empty OUTPUT_DIR, or one that is, sits inside or holds an input."""
-    if not str(out).strip():
+def output_path(text: str) -> Path:
+    """The OUTPUT_DIR argument as a path; an empty one is refused (it would mean ``.``)."""
+    if not str(text).strip():
         raise UserError("OUTPUT_DIR is empty; pass a directory for the output")
+    return Path(text)
+
+
+def check_output_location(out: Path, inputs: list[Path]) -> None:
+    """Refuse an OUTPUT_DIR that is, sits inside or holds an input."""
     target = out.resolve()
     for path in inputs:
         source = path.resolve()
@@ -171,8 +176,9 @@ def _unfinished(stage: Stage, shards: Iterable[S], progress: RunProgress) -> Ite
         if stage.is_complete(shard.name):
             progress.skip(read_state_json(files.stats)["rows"])
             continue
-        # A marker whose data files are gone vouches for nothing: drop it before redoing.
-        files.stats.unlink(missing_ok=True)
+        if not all(files.data(suffix).exists() for suffix in stage.data_files):
+            # A marker whose data files are gone vouches for nothing: drop it before redoing.
+            files.stats.unlink(missing_ok=True)
         yield shard
 
 
