@@ -73,8 +73,8 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
     """
     out = stage.output_dir
     check_output_location(out, stage.inputs)
+    check_ownership(out, stage.name)  # before the lock: leave a foreign directory untouched
     with exclusive_output(out):
-        check_ownership(out, stage.name)
         check_plan(out, stage.plan)
         done = completed_run(stage)
         if done and not stage.reopen:
@@ -114,6 +114,8 @@ def check_output_location(out: Path, inputs: list[Path]) -> None:
 
 def check_ownership(out: Path, stage: str) -> None:
     """Refuse to write into a directory that is neither empty nor this stage's own output."""
+    if not out.is_dir():
+        return  # created by the lock; a file in the way is refused there
     entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
     if not entries:
         return
