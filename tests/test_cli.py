@@ -56,7 +56,13 @@ def test_help_lists_commands_and_options():
         (["{urls}", "--input-format", "xlsx"], "unknown --input-format"),
         (["{urls}", "--shard-size", "0"], "--shard-size must be at least 1"),
         (["{urls}", "--limit", "0"], "--limit must be at least 1"),
-        (["{urls}", "--timeout", "0"], "--timeout must be a positive"),
+        (["{urls}", "--timeout", "0"], "--timeout must be a number in (0, 86400]"),
+        (["{urls}", "--timeout", "inf"], "--timeout must be a number in (0, 86400]"),
+        (["{urls}", "--timeout", "nan"], "--timeout must be a number in (0, 86400]"),
+        (["{urls}", "--max-pixels", "0"], "--max-pixels must be at least 1"),
+        (["{urls}", "--fill", "1,2,3"], "--fill only applies with --resize N"),
+        (["{urls}", "--resize", "64", "--pad-threshold", "1.5"], "--pad-threshold must be in"),
+        (["{urls}", "--resize", "64", "--pad-threshold", "nan"], "--pad-threshold must be in"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, args, message):
@@ -157,3 +163,21 @@ def test_text_input_with_gzip(server, tmp_path):
     result = download(str(path), str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     assert "success                       3" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--placeholder-threshold", "nan"], "--placeholder-threshold must be a number"),
+        (["--shard-size", "0"], "--shard-size must be at least 1"),
+        (["--max-pixels", "0"], "--max-pixels must be at least 1"),
+        (["--pad-threshold", "0"], "--pad-threshold must be in"),
+    ],
+)
+def test_encode_refuses_nonsense_numbers(tmp_path, args, message):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+    result = runner.invoke(app, ["encode", str(tmp_path / "in"), str(tmp_path / "out"), *args,
+                                 "--model", "tiny-random-clip"])  # fmt: skip
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -45,16 +45,29 @@ MaxPixels = Annotated[
     int, typer.Option(help="Largest image (width x height) accepted; checked before decoding.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
-PadThreshold = Annotated[
-    float,
-    typer.Option(help="min(w,h)/max(w,h) at or above which the image is cropped, else padded."),
+_SQUARE_HELP = {
+    "pad_threshold": "min(w,h)/max(w,h) at or above which the image is cropped, else padded.",
+    "fill": "Padding and transparency colour as R,G,B.",
+    "format": "Output image format: jpg, png or webp.",
+    "quality": "JPEG/WebP quality of the squares.",
+    "min_side": "Images whose shorter side is below N are recorded as filtered.",
+}
+PadThreshold = Annotated[float, typer.Option(help=_SQUARE_HELP["pad_threshold"])]
+Fill = Annotated[str, typer.Option(help=_SQUARE_HELP["fill"])]
+Format = Annotated[str, typer.Option("--format", help=_SQUARE_HELP["format"])]
+Quality = Annotated[int, typer.Option(help=_SQUARE_HELP["quality"])]
+MinSide = Annotated[int, typer.Option(help=_SQUARE_HELP["min_side"])]
+# download takes them only with --resize: unset unless given, so a stray one is caught.
+_WITH_RESIZE = " Only with --resize; default as in preprocess."
+ResizePadThreshold = Annotated[
+    float | None, typer.Option(help=_SQUARE_HELP["pad_threshold"] + _WITH_RESIZE)
 ]
-Fill = Annotated[str, typer.Option(help="Padding and transparency colour as R,G,B.")]
-Format = Annotated[str, typer.Option("--format", help="Output image format: jpg, png or webp.")]
-Quality = Annotated[int, typer.Option(help="JPEG/WebP quality of the squares.")]
-MinSide = Annotated[
-    int, typer.Option(help="Images whose shorter side is below N are recorded as filtered.")
+ResizeFill = Annotated[str | None, typer.Option(help=_SQUARE_HELP["fill"] + _WITH_RESIZE)]
+ResizeFormat = Annotated[
+    str | None, typer.Option("--format", help=_SQUARE_HELP["format"] + _WITH_RESIZE)
 ]
+ResizeQuality = Annotated[int | None, typer.Option(help=_SQUARE_HELP["quality"] + _WITH_RESIZE)]
+ResizeMinSide = Annotated[int | None, typer.Option(help=_SQUARE_HELP["min_side"] + _WITH_RESIZE)]
 
 
 def _version(value: bool) -> None:
@@ -150,8 +163,9 @@ def _write_crash_log(error: BaseException) -> Path:
 
 
 def square_options(
-    size: int, pad_threshold: float, fill: str, format: str, quality: int, min_side: int
-):
+    size: int, pad_threshold: float = 0.6, fill: str = "0,0,0", format: str = "jpg",
+    quality: int = 95, min_side: int = 0,
+):  # fmt: skip
     from vlmdata.pipeline.imageops import SquareOptions, parse_fill
 
     return SquareOptions(size, pad_threshold, parse_fill(fill), format, quality, min_side)
@@ -219,11 +233,11 @@ def download(
         int | None,
         typer.Option(help="Store SIZE x SIZE crop/pad squares instead of the original bytes."),
     ] = None,
-    pad_threshold: PadThreshold = 0.6,
-    fill: Fill = "0,0,0",
-    format: Format = "jpg",
-    quality: Quality = 95,
-    min_side: MinSide = 0,
+    pad_threshold: ResizePadThreshold = None,
+    fill: ResizeFill = None,
+    format: ResizeFormat = None,
+    quality: ResizeQuality = None,
+    min_side: ResizeMinSide = None,
     quiet: Quiet = False,
 ) -> None:
     """Download a URL list into image shards (tar + parquet + stats), resumably."""
@@ -231,9 +245,14 @@ def download(
     from vlmdata.pipeline.fetch import FetchPolicy
 
     def stage():
+        given = {"--pad-threshold": pad_threshold, "--fill": fill, "--format": format,
+                 "--quality": quality, "--min-side": min_side}  # fmt: skip
         square = None
         if resize is not None:
-            square = square_options(resize, pad_threshold, fill, format, quality, min_side)
+            square = square_options(resize, **{k[2:].replace("-", "_"): v for k, v in
+                                               given.items() if v is not None})  # fmt: skip
+        elif stray := [flag for flag, value in given.items() if value is not None]:
+            raise UserError(f"{stray[0]} only applies with --resize N; add --resize or drop it")
         return run_download(
             DownloadConfig(
                 input=input,

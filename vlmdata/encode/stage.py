@@ -26,7 +26,7 @@ from vlmdata.encode.features import PatchFeatures, token_grid_side
 from vlmdata.encode.models import LoadedClip, load_clip, resolve_device
 from vlmdata.encode.placeholders import builtin_placeholders, load_references
 from vlmdata.encode.store import FeatureShardWriter
-from vlmdata.errors import UserError
+from vlmdata.errors import require_at_least, require_finite
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, make_square
@@ -87,10 +87,10 @@ class EncodeConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
-        if self.workers < 0:
-            raise UserError("--workers cannot be negative")
+        require_at_least(1, batch_size=self.batch_size, max_pixels=self.max_pixels,
+                         shard_size=self.shard_size)  # fmt: skip
+        require_at_least(0, workers=self.workers)
+        require_finite("--placeholder-threshold", self.placeholder_threshold, -1, 1)
 
 
 def run_encode(config: EncodeConfig) -> RunSummary:

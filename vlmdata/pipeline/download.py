@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 from aiohttp.abc import AbstractResolver
 
-from vlmdata.errors import UserError
+from vlmdata.errors import require_at_least, require_finite
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.fetch import (
     RETRYABLE_KINDS,
@@ -73,15 +73,11 @@ class DownloadConfig:
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
     def __post_init__(self) -> None:
-        for name in ("shard_size", "concurrency", "per_host", "processes", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.fetch.timeout <= 0:
-            raise UserError("--timeout must be a positive number of seconds")
-        if self.fetch.retries < 0:
-            raise UserError("--retries cannot be negative")
-        if self.fetch.max_bytes < 1:
-            raise UserError("--max-bytes must be at least 1")
+        require_at_least(1, shard_size=self.shard_size, concurrency=self.concurrency,
+                         per_host=self.per_host, processes=self.processes,
+                         max_pixels=self.max_pixels, max_bytes=self.fetch.max_bytes)  # fmt: skip
+        require_at_least(0, retries=self.fetch.retries)
+        require_finite("--timeout", self.fetch.timeout, 0, 24 * 3600)
 
     def plan(self, source: UrlSource) -> dict:
         """The input and the options that change what lands in the output."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from vlmdata.errors import UserError
+from vlmdata.errors import require_at_least
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, square_image
@@ -61,9 +61,8 @@ class PreprocessConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "shard_size", "processes"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        require_at_least(1, max_pixels=self.max_pixels, shard_size=self.shard_size,
+                         processes=self.processes)  # fmt: skip
 
     def plan(self, images: ImageInput) -> dict:
         """The input and the options that change what lands in the output."""
