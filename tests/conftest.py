@@ -132,3 +132,15 @@ class LoopbackServer:
 def server() -> Iterator[LoopbackServer]:
     with LoopbackServer() as s:
         yield s
+
+
+def die_on_poison(data: bytes) -> int:
+    """An image function for worker-pool tests: ``b"poison"`` kills its worker process, every
+    other input takes long enough to be in flight when that happens."""
+    import time
+
+    if data == b"poison":
+        time.sleep(0.2)
+        os._exit(1)
+    time.sleep(0.5)
+    return len(data)

@@ -278,29 +278,41 @@ _IMAGE_THREADS = 2
 
 class ImagePool:
     """Worker processes for image work, replaced if one dies (a decoder crash or an OOM kill
-    must cost one image, not the run)."""
+    must cost one image, not the run, and not the other images in flight when it happened)."""
 
     def __init__(self, workers: int) -> None:
         self._workers = workers
-        self._pool = self._start()
+        self._pool = self._start(workers)
+        # Images caught in a pool's death are retried alone; a few at a time.
+        self._isolation = asyncio.Semaphore(workers)
 
-    def _start(self) -> ProcessPoolExecutor:
+    @staticmethod
+    def _start(workers: int) -> ProcessPoolExecutor:
         # spawn: forking a process that runs an event loop and threads is unsafe.
-        return ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
     async def run(self, fn: Callable[..., ImageResult], *args: object) -> ImageResult:
-        for _ in range(2):
-            pool = self._pool
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        try:
+            return await loop.run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:
+            if self._pool is pool:  # the first image to notice replaces the pool
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._start(self._workers)
+        # This image was in flight when a worker died: it, or another one, crashed it. Alone
+        # in a process of its own, an innocent image succeeds and only the culprit is lost.
+        async with self._isolation:
+            alone = self._start(1)
             try:
-                return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+                return await loop.run_in_executor(alone, fn, *args)
             except BrokenProcessPool:
-                if self._pool is pool:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = self._start()
-        return ImageResult(
-            status=FAILED_TO_DECODE, error_kind="decoder_crashed",
-            error="the image worker process died on this image",
-        )  # fmt: skip
+                return ImageResult(
+                    status=FAILED_TO_DECODE, error_kind="decoder_crashed",
+                    error="the image worker process died on this image",
+                )  # fmt: skip
+            finally:
+                alone.shutdown(wait=False, cancel_futures=True)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
