@@ -107,7 +107,8 @@ def test_download_prints_a_summary_and_a_rerun_does_nothing(server, tmp_path):
     again = download(src, out)
     assert again.exit_code == 0 and "Nothing to do" in again.stdout
     changed = download(src, out, "--shard-size", "3")
-    assert changed.exit_code == 2 and "made with --shard-size 10000, this run has --shard-size 3" in changed.stderr
+    assert changed.exit_code == 2
+    assert "made with --shard-size 10000, this run has --shard-size 3" in changed.stderr
 
 
 def test_flags_reach_the_output(server, tmp_path):

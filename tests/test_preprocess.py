@@ -160,7 +160,8 @@ def test_resume_redoes_only_unfinished_shards_and_refuses_changed_options(image_
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("0000[02]*")} == kept
     assert len(rows_of(out)) == 6
     assert preprocess(image_folder, out, shard_size=2).nothing_to_do
-    with pytest.raises(UserError, match=r"made with --pad-threshold 0.6, this run has --pad-threshold 0.5"):
+    changed = r"made with --pad-threshold 0.6, this run has --pad-threshold 0.5"
+    with pytest.raises(UserError, match=changed):
         preprocess(image_folder, out, shard_size=2, square={"pad_threshold": 0.5})
 
 

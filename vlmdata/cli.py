@@ -118,8 +118,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota "
-                       "exceeded", errno.EROFS: "read-only file system"}  # fmt: skip
+# Failures of the machine, not of vlmdata or the user's input: one line, and a rerun resumes.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit exceeded (ulimit -f)",
+    errno.EROFS: "read-only file system",
+}
 
 
 def _explain_failure(error: BaseException) -> tuple[int, str]:

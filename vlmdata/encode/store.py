@@ -9,8 +9,10 @@ never waits on the disk); the file lives under a temporary name until :meth:`clo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import re
 import threading
 from pathlib import Path
 
@@ -31,7 +33,10 @@ class FeatureShardWriter:
         self.path = path
         self.tmp = path.with_name(f".{path.name}.tmp")
         self.rows = 0  # rows handed over so far: the next row's index
-        self._file = h5py.File(self.tmp, "w")
+        # No chunk cache: every row is written through at once (its chunk is whole), and a
+        # full disk then fails that write cleanly. With a cache, HDF5 crashes the process when
+        # it cannot flush on close.
+        self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)
         self._file.attrs.update({k: v for k, v in attrs.items() if v is not None})
         f2 = np.float16
         self._tokens = self._file.create_dataset(
@@ -74,9 +79,12 @@ class FeatureShardWriter:
         """Flush, close and move the file into place; return its row count."""
         self._queue.put(None)
         self._thread.join()
-        self._file.close()
         if self._error is not None:
             raise self._error
+        try:
+            self._file.close()  # flushes the metadata: the last write to the disk
+        except RuntimeError as e:
+            raise _system_error(e, self.tmp) from e
         fsync_file(self.tmp)  # on disk before the shard's stats can vouch for it
         os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
@@ -86,7 +94,10 @@ class FeatureShardWriter:
         """Stop and delete the temporary file (an interrupted shard is redone whole)."""
         self._queue.put(None)
         self._thread.join()
-        self._file.close()
+        # After a failed write (a full disk) HDF5 cannot flush the file on close; it is
+        # deleted anyway, and the write error is what the caller reports.
+        with contextlib.suppress(Exception):
+            self._file.close()
         self.tmp.unlink(missing_ok=True)
 
     def _drain(self) -> None:
@@ -106,3 +117,13 @@ class FeatureShardWriter:
             except BaseException as e:  # surfaced to the caller on the next append or close
                 self._error = e
             written = end
+
+
+def _system_error(error: RuntimeError, path: Path) -> Exception:
+    """HDF5 reports a failed system call as text ("errno = 28"): give it back its OSError, so
+    a full disk reads as one, not as an internal error."""
+    found = re.search(r"errno = (\d+)", str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
