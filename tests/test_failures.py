@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import signal
@@ -70,3 +71,29 @@ def test_download_stops_with_one_line_on_a_full_disk_and_resumes(server: Loopbac
     finished = vlmdata(*args, limited=False)
     assert finished.returncode == 0, finished.stderr
     assert re.search(r"success +60 ", finished.stdout), finished.stdout
+
+
+def test_a_killed_decoding_worker_stops_encode_with_one_line(photos, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmdata.cli import app
+    from vlmdata.encode import stage
+
+    real = stage.make_square
+    poison = (photos / "07.jpg").read_bytes()
+
+    def killed_for_memory(data, *args):  # runs in the forked DataLoader worker
+        if data == poison:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(data, *args)
+
+    monkeypatch.setattr(stage, "make_square", killed_for_memory)
+    out = tmp_path / "feat"
+    args = ["encode", str(photos), str(out), "--model", "tiny-random-clip", "--workers", "1",
+            "--no-placeholder-filter", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "a decoding worker died" in result.stderr and "Traceback" not in result.output
+    monkeypatch.undo()
+    assert CliRunner().invoke(app, args).exit_code == 0  # the rerun completes
+    assert len(pq.read_table(out / "00000.parquet")) == 40

@@ -21,7 +21,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from vlmdata import __version__
-from vlmdata.errors import UserError
+from vlmdata.errors import MachineFailure, UserError
 
 E = TypeVar("E", bound=BaseException)
 
@@ -132,6 +132,9 @@ def _explain_failure(error: BaseException) -> tuple[int, str]:
     user = _find(error, UserError)
     if user is not None:
         return 2, str(user)
+    machine = _find(error, MachineFailure)
+    if machine is not None:
+        return 1, str(machine)
     disk = _find(error, OSError)
     if disk is not None and disk.errno in _ENVIRONMENT_ERRNOS:
         where = f" writing {disk.filename}" if disk.filename else ""

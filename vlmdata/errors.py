@@ -12,6 +12,11 @@ class UserError(Exception):
     """
 
 
+class MachineFailure(Exception):
+    """The machine failed the run (a worker killed for memory, a full disk): not the user's
+    input, not a bug. The CLI prints the one-line message and exits 1; a rerun resumes."""
+
+
 def require_at_least(minimum: int, **flags: int) -> None:
     """Refuse any ``--flag`` value below ``minimum`` (flags given as ``shard_size=0``)."""
     for name, value in flags.items():

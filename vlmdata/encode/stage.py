@@ -26,7 +26,7 @@ from vlmdata.encode.features import PatchFeatures, token_grid_side
 from vlmdata.encode.models import LoadedClip, load_clip, resolve_device
 from vlmdata.encode.placeholders import builtin_placeholders, load_references
 from vlmdata.encode.store import FeatureShardWriter
-from vlmdata.errors import require_at_least, require_finite
+from vlmdata.errors import MachineFailure, require_at_least, require_finite
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, make_square
@@ -233,7 +233,7 @@ class _ShardEncoder:
         records: list[dict] = []
         expected = expected_keys(shard.tar) if shard.tar is not None else None
         try:
-            for batch in loader:
+            for batch in _batches(loader, shard):
                 for item in batch["failed"]:
                     records.append(_record(item, item["status"]))
                     progress.record(item["status"], item["error_kind"], 0)
@@ -272,6 +272,21 @@ class _ShardEncoder:
             records.append(_record(item, status, score, next(rows) if is_kept else None))
             progress.record(status, None if is_kept else "placeholder", 0)
         return records
+
+
+def _batches(loader: DataLoader, shard: ImageShard) -> Iterator[dict]:
+    """The loader's batches; a decoding worker that dies (the OOM killer) stops the run with
+    one line instead of a DataLoader traceback. The shard is redone on the rerun."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise MachineFailure(
+            f"a decoding worker died while encoding shard {shard.name} "
+            f"({str(e).splitlines()[0][:120]}); it was likely killed for memory: lower "
+            "--workers or --batch-size and rerun the same command to resume"
+        ) from None
 
 
 def _record(
