@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,3 +60,78 @@ def test_kept_columns_of_any_type_keep_their_type(server: LoopbackServer, tmp_pa
         meta = json.loads(tar.extractfile("000000001.json").read())
     assert meta["seen"] == "2024-01-02T12:30:00"  # KEY.json: a text form
     assert base64.b64decode(meta["blob"]) == blobs[1]
+
+
+def test_a_long_member_name_is_written_and_recovered(tmp_path, monkeypatch):
+    from vlmdata.pipeline import shards
+    from vlmdata.pipeline.imageops import SquareOptions
+    from vlmdata.pipeline.preprocess import PreprocessConfig, run_preprocess
+
+    key = "k" * 150 + "\u00e9"  # over USTAR's 100 bytes, and not ASCII
+    src = tmp_path / "in"
+    src.mkdir()
+    with tarfile.open(src / "00000.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in ((f"{key}.jpg", make_image(40, 40)), ("b.jpg", make_image(40, 40))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    config = PreprocessConfig(str(src), str(tmp_path / "out"), square=SquareOptions(size=16),
+                              processes=1, quiet=True)  # fmt: skip
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed before the shard finished")
+
+    monkeypatch.setattr(shards.ShardWriter, "finish", killed)
+    with pytest.raises(RuntimeError):
+        run_preprocess(config)
+    monkeypatch.undo()
+    summary = run_preprocess(config)
+    assert summary.rows_this_run == 0  # both samples recovered from the partial tar
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert f"{key}.jpg" in tar.getnames()
+
+
+def write_list(tmp_path: Path) -> Path:
+    src = tmp_path / "urls.txt"
+    src.write_text("http://10.0.0.1/a.jpg\n")  # refused by the SSRF guard: no packet sent
+    return src
+
+
+@pytest.mark.parametrize("case", ["under a file", "not writable"])
+def test_output_directory_problems_are_one_line(tmp_path, case):
+    src = write_list(tmp_path)
+    if case == "under a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out = tmp_path / "ro" / "out"
+        if os.access(tmp_path / "ro", os.W_OK):  # root ignores modes: make the path unusable
+            (tmp_path / "ro").chmod(0o700)
+            (tmp_path / "ro" / "out").write_text("a file where the directory should be")
+    result = vlmdata("download", str(src), str(out))
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and str(out) in result.stderr
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("plan.json", b""), ("plan.json", b'{"stage": "downl'), ("plan.json", b"[1, 2]"),
+    ("stats.json", b'"a string"'),
+])  # fmt: skip
+def test_damaged_state_files_are_one_line_naming_the_file(tmp_path, name, content):
+    src = write_list(tmp_path)
+    out = tmp_path / "out"
+    assert vlmdata("download", str(src), str(out)).returncode == 0
+    (out / name).write_bytes(content)
+    result = vlmdata("download", str(src), str(out))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and f"{out / name} is damaged" in result.stderr
+
+
+def test_a_damaged_shard_marker_is_redone(tmp_path):
+    src = write_list(tmp_path)
+    out = tmp_path / "out"
+    vlmdata("download", str(src), str(out))
+    (out / "00000.stats.json").write_text("[]")
+    result = vlmdata("download", str(src), str(out))
+    assert result.returncode == 0 and "1 rows in 1 shards" in result.stdout, result.stderr
