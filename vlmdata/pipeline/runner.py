@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -55,7 +55,6 @@ class Stage:
     reopen: Callable[[Stage], int] | None = None
     # Written after the shards and before the completion marker (encode's manifest).
     before_complete: Callable[[Path, list[str]], None] | None = None
-    _seen: list[str] = field(default_factory=list, repr=False)
 
     def shard_files(self, name: str) -> ShardFiles:
         return ShardFiles(self.output_dir, name)
@@ -86,11 +85,13 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
             return done
         progress = RunProgress(stage.total_rows, stage.quiet, unit=stage.unit)
         started = time.monotonic()
+        planned: list[str] = []  # every shard the input yields, done or not
+        todo = _unfinished(stage, shards(stage), progress, planned)
         try:
-            distribute(work, _unfinished(stage, shards(stage), progress), stage.processes, progress)
+            distribute(work, todo, stage.processes, progress)
         finally:
             progress.close()
-        return close_run(stage, progress, started, retried)
+        return close_run(stage, planned, progress, started, retried)
 
 
 def output_path(text: str) -> Path:
@@ -148,10 +149,11 @@ def completed_run(stage: Stage) -> RunSummary | None:
     return RunSummary(str(stage.output_dir), root, nothing_to_do=True, hint=stage.hint)
 
 
-def close_run(stage: Stage, progress: RunProgress, started: float, retried: int) -> RunSummary:
-    """Total the planned shards into ``stats.json`` and mark the run complete, if it is."""
+def close_run(
+    stage: Stage, names: list[str], progress: RunProgress, started: float, retried: int
+) -> RunSummary:
+    """Total the shards ``names`` into ``stats.json`` and mark the run complete, if it is."""
     out = stage.output_dir
-    names = stage._seen
     stats = [read_state_json(stage.shard_files(name).stats) for name in names]
     totals = merge_stats(stats)
     complete = not stage.partial_input and all(stage.is_complete(name) for name in names)
@@ -169,11 +171,13 @@ def close_run(stage: Stage, progress: RunProgress, started: float, retried: int)
     )  # fmt: skip
 
 
-def _unfinished(stage: Stage, shards: Iterable[S], progress: RunProgress) -> Iterator[S]:
-    """The shards still to do; finished ones are counted as skipped. Records every name."""
-    stage._seen = []
+def _unfinished(
+    stage: Stage, shards: Iterable[S], progress: RunProgress, planned: list[str]
+) -> Iterator[S]:
+    """The shards still to do; finished ones are counted as skipped. Every name goes to
+    ``planned``: the totals count exactly these shards."""
     for shard in shards:
-        stage._seen.append(shard.name)
+        planned.append(shard.name)
         files = stage.shard_files(shard.name)
         if stage.is_complete(shard.name):
             progress.skip(read_state_json(files.stats)["rows"])
