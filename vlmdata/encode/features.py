@@ -2,12 +2,15 @@
 
 A forward hook on transformer block ``layer`` captures its output while ``encode_image`` runs,
 so the tokens (LLaVA's penultimate layer by default) and the projected embedding cost a single
-pass. The CLS token is dropped and the patch grid average-pooled to ``side`` x ``side``.
+pass. The hook lives only for that call: the model is left as it was given, for any other user
+of it. The CLS token is dropped and the patch grid average-pooled to ``side`` x ``side``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -55,19 +58,26 @@ class PatchFeatures:
             )
         self.clip, self.side = clip, side
         self.layer = layer % clip.layers
-        transformer = clip.model.visual.transformer
-        self._batch_first = getattr(transformer, "batch_first", True)
-        self._captured: torch.Tensor | None = None
-        transformer.resblocks[self.layer].register_forward_hook(self._capture)
-
-    def _capture(self, module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
-        self._captured = output
+        self._batch_first = getattr(clip.model.visual.transformer, "batch_first", True)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds = self.clip.model.encode_image(images, normalize=True)
-        hidden = self._captured if self._batch_first else self._captured.transpose(0, 1)
-        self._captured = None
+        block = self.clip.model.visual.transformer.resblocks[self.layer]
+        with _captured_output(block) as outputs:
+            embeds = self.clip.model.encode_image(images, normalize=True)
+        hidden = outputs[0] if self._batch_first else outputs[0].transpose(0, 1)
         grid = self.clip.grid
         patches = hidden[:, -grid * grid :]  # the CLS token comes first: drop it
         return pool_patch_grid(patches.float(), grid, self.side), embeds.float()
+
+
+@contextmanager
+def _captured_output(module: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect what ``module`` outputs inside the ``with`` block, through a forward hook that is
+    removed on the way out, also when the forward fails."""
+    outputs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()

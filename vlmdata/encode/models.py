@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import pickle
 import re
-import socket
 import warnings
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,7 +25,11 @@ from vlmdata.errors import UserError
 TINY_RANDOM_CLIP = "tiny-random-clip"
 RANDOM = ("none", "random", "")  # --pretrained values that mean random weights
 _CONFIGS = Path(__file__).parent / "model_configs"
-_HUB_HOST = ("huggingface.co", 443)
+_HUB_PROBE_TIMEOUT_S = 3.0
+_EXAMPLE_VIT = "ViT-L-14-336"
+# Keys of an OpenAI TorchScript archive that are not parameters of the model (open_clip drops
+# them the same way).
+_TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
 
 @dataclass
@@ -58,10 +63,11 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
             f"unknown --model {name!r}; use an open_clip model name (e.g. ViT-L-14-336, ViT-B-32) "
             f"or {TINY_RANDOM_CLIP}"
         )
+    _require_vit_tower(name)  # before fetching or building anything
     pretrained = (pretrained or "").strip()
     if name == TINY_RANDOM_CLIP and pretrained not in RANDOM and not Path(pretrained).is_file():
         pretrained = "random"  # it has no published weights: the default tag cannot apply
-    digest = None
+    digest, weights_file, tag = None, None, None
     options: dict = {}
     if pretrained.lower() in RANDOM:
         warnings.warn(
@@ -70,20 +76,16 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
             stacklevel=2,
         )
         torch.manual_seed(0)  # the same random model in every run, so caches stay comparable
-        weights, pretrained = None, "random"
+        pretrained = "random"
     elif Path(pretrained).is_file():
-        weights, digest = pretrained, _sha256(Path(pretrained))
+        weights_file, digest = Path(pretrained), _sha256(Path(pretrained))
         options = _options_for_weights_file(name, digest)
     else:
         options = _options_for_tag(name, pretrained)
-        weights = pretrained
-    try:
-        with _quiet_open_clip():
-            model = open_clip.create_model(name, pretrained=weights, device=device, **options)
-    except (RuntimeError, OSError) as e:
-        raise UserError(
-            f"cannot load weights {pretrained!r} for {name}: {str(e).splitlines()[0][:200]}"
-        ) from None
+        tag = pretrained
+    model = _create_model(name, tag, device, options)
+    if weights_file is not None:
+        _load_weights_file(model, weights_file, name)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     model = model.to(dtype=dtype).eval()
     visual = model.visual
@@ -121,6 +123,140 @@ def _register_builtin_configs() -> None:
     open_clip.add_model_config(_CONFIGS)
 
 
+def _require_vit_tower(name: str) -> None:
+    """Refuse a model whose vision tower has no patch grid, from its config alone.
+
+    Patch tokens are read from the blocks of open_clip's own ``VisionTransformer`` (its config
+    gives ``layers`` as a number). ModifiedResNet towers (``layers`` is a list, RN50...) have no
+    tokens, and timm towers (``timm_model_name``: ConvNeXt, SigLIP, EVA...) have neither the
+    grid nor the blocks this reads.
+    """
+    import open_clip
+
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+    if "timm_model_name" in vision:
+        kind = f"a timm vision tower ({vision['timm_model_name']})"
+    elif isinstance(vision.get("layers"), list | tuple):
+        kind = "a ResNet vision tower"
+    elif isinstance(vision.get("layers"), int):
+        return
+    else:
+        kind = "no ViT vision tower"
+    raise UserError(
+        f"--model {name} has {kind}; vlmdata takes patch tokens only from open_clip's own ViT "
+        f"towers: use a ViT model such as {_EXAMPLE_VIT}"
+    )
+
+
+def _create_model(name: str, tag: str | None, device: str, options: dict) -> object:
+    """The open_clip model with a tag's weights, or random ones (a weights file comes later).
+
+    ``pretrained_hf=False``: without a tag, a Hugging Face text tower stays random too instead
+    of fetching its base weights (the image features never use it).
+    """
+    import open_clip
+
+    if tag is None:
+        with _quiet_open_clip():
+            return open_clip.create_model(name, device=device, pretrained_hf=False, **options)
+    try:
+        with _quiet_open_clip():
+            return open_clip.create_model(name, pretrained=tag, device=device, **options)
+    except (RuntimeError, OSError) as e:  # a download that failed, a damaged cached file
+        raise UserError(f"cannot load weights {tag!r} for {name}: {_first_line(e)}") from None
+
+
+# What reading and applying a weights file raises when the file is not a checkpoint of the
+# model: torch.load (UnpicklingError, EOFError, RuntimeError from its zip reader), zipfile,
+# safetensors, and open_clip's conversions, which index and assert on whatever the file holds.
+# MemoryError is left out on purpose: a machine out of memory is not a bad file.
+_CHECKPOINT_ERRORS = (
+    pickle.UnpicklingError, EOFError, RuntimeError, OSError, zipfile.BadZipFile, KeyError,
+    IndexError, ValueError, TypeError, AttributeError, AssertionError, StopIteration,
+)  # fmt: skip
+
+
+def _checkpoint_errors() -> tuple[type[Exception], ...]:
+    from safetensors import SafetensorError  # imported late, like every model dependency
+
+    return (*_CHECKPOINT_ERRORS, SafetensorError)
+
+
+def _load_weights_file(model: object, path: Path, name: str) -> None:
+    """Load a local weights file into ``model``; one line when it is not ``name``'s checkpoint.
+
+    Pickled files go through open_clip's loader (``weights_only``: a file cannot run Python);
+    TorchScript archives (OpenAI's ``ViT-L-14-336px.pt``) are refused by that loader, so their
+    state dict is taken with ``torch.jit.load``, as open_clip does for OpenAI's releases.
+    """
+    import open_clip
+
+    try:
+        if _is_torchscript(path):
+            transient = _non_persistent_buffers(model)
+            state = {k: v for k, v in _torchscript_state_dict(path).items() if k not in transient}
+            model.load_state_dict(state, strict=True)
+        else:
+            open_clip.load_checkpoint(model, str(path))
+    except _checkpoint_errors() as e:
+        raise UserError(_why_not_loaded(path, name, e)) from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip holding ``<archive>/constants.pkl``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _torchscript_state_dict(path: Path) -> dict:
+    import torch
+
+    state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    return {k: v for k, v in state.items() if k not in _TORCHSCRIPT_EXTRAS}
+
+
+def _non_persistent_buffers(model: object) -> set[str]:
+    """Buffers open_clip keeps out of its state dict (the text attention mask): a scripted
+    model saves them all the same."""
+    return {name for name, _ in model.named_buffers()} - set(model.state_dict())
+
+
+def _why_not_loaded(path: Path, name: str, error: Exception) -> str:
+    """Tell a file that is no checkpoint from a checkpoint of another model (read again: this
+    runs only once loading has failed)."""
+    import open_clip.factory
+    import torch
+
+    try:
+        if _is_torchscript(path):
+            state = _torchscript_state_dict(path)
+        else:
+            state = open_clip.factory.load_state_dict(str(path))
+    except _checkpoint_errors() as e:
+        state, error = None, e
+    readable = isinstance(state, Mapping) and len(state) > 0
+    if not readable or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return (
+            f"--pretrained {path} is not a weights file ({_first_line(error)}); pass a "
+            f"checkpoint saved from {name} (.pt, .bin or .safetensors), a tag, or none"
+        )
+    return (
+        f"--pretrained {path} does not hold {name} weights ({_first_line(error)}); pass the "
+        "--model the file was saved from, or weights saved from this model"
+    )
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """The first informative line of an error: open_clip and torch put a header line first."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Error(s) in loading")] or lines
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _options_for_tag(name: str, tag: str) -> dict:
     """open_clip options for a published tag; fail fast when its weights cannot be had."""
     import open_clip
@@ -132,11 +268,13 @@ def _options_for_tag(name: str, tag: str) -> dict:
             f"{tag!r} is neither a weights file nor a pretrained tag of {name} (tags: {tags}); "
             "pass --pretrained TAG, a local weights file, or none for random weights"
         )
-    if not _cached(config) and not _hub_reachable():
+    if not _cached(config) and (reason := _hub_unreachable_reason()):
+        from huggingface_hub import constants
+
         raise UserError(
             f"weights {name}/{tag} are not in the local cache and the model hub cannot be "
-            "reached; fetch them on a connected machine (they are cached under "
-            "~/.cache/huggingface) or pass --pretrained /path/to/weights"
+            f"reached ({reason}); fetch them on a connected machine (they are cached under "
+            f"{constants.HF_HUB_CACHE}) or pass --pretrained /path/to/weights"
         )
     return {"force_quick_gelu": bool(config.get("quick_gelu"))}
 
@@ -187,15 +325,34 @@ def _cached(config: dict) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
 
 
-def _hub_reachable() -> bool:
-    """A 3-second check, so an offline machine fails at once instead of after retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
+def _hub_unreachable_reason() -> str | None:
+    """Why the hub cannot serve a download right now, or None when it answers.
+
+    huggingface_hub is asked, not the network, so the answer holds for the download that
+    follows: its offline mode (HF_HUB_OFFLINE), its endpoint (HF_ENDPOINT, a mirror) and its
+    HTTP session (proxies, certificates). One HEAD with a short timeout makes an offline
+    machine fail at once instead of after the download's retries.
+    """
+    from huggingface_hub import constants, get_session
+
+    if _hub_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT
     try:
-        socket.create_connection(_HUB_HOST, timeout=3).close()
-    except OSError:
-        return False
-    return True
+        response = get_session().head(endpoint, timeout=_HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # the session is requests or httpx depending on the version
+        return f"no answer from {endpoint}: {_first_line(e, 100)}"
+    if response.status_code >= 500:  # a proxy or the hub itself failing: no download either
+        return f"{endpoint} answered HTTP {response.status_code}"
+    return None
+
+
+def _hub_offline_mode() -> bool:
+    """huggingface_hub's own offline switch (a function in recent versions, a constant before)."""
+    from huggingface_hub import constants
+
+    is_offline = getattr(constants, "is_offline_mode", None)
+    return bool(is_offline() if callable(is_offline) else constants.HF_HUB_OFFLINE)
 
 
 def _sha256(path: Path) -> str:

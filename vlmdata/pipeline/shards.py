@@ -53,6 +53,7 @@ class Named(Protocol):
 
     name: str
 
+
 # Columns of every shard parquet, before the kept input columns.
 RECORD_SCHEMA = pa.schema(
     [
