@@ -4,20 +4,28 @@ Inputs are read batch by batch (parquet record batches, csv/jsonl/txt line by li
 not), so memory stays flat however long the URL list is: a CapsFusion parquet file is 7.7 GB and
 loading it whole is how img2dataset runs out of memory. Rows are numbered across all input
 files in order; row *n* gets the key ``f"{n:09d}"`` and lands in shard ``n // shard_size``.
+
+URL lists are scraped, so their files are hostile but real. A file the user must fix (a csv
+quote never closed, a cut gzip, UTF-16) stops the read with one UserError line naming the file
+and line; odd *values* (invalid UTF-8, half an emoji) are repaired to U+FFFD and read on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import gzip
 import hashlib
 import io
 import json
-import sys
-from collections.abc import Callable, Iterator
+import re
+import zlib
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,6 +47,21 @@ TXT_COLUMN = "url"  # the single column of a plain URL list
 KEY_DIGITS = 9  # 113M CapsFusion rows fit; a longer list just gets longer keys
 _BATCH_ROWS = 8192
 _FINGERPRINT_BYTES = 1 << 20
+_SNIFF_BYTES = 4096  # enough of a file's head to tell its encoding
+_GZIP_MAGIC = b"\x1f\x8b"
+# Guards that keep memory flat on a file that is not what it claims: no caption is 1 MiB or
+# 100 lines long, but a csv quote left open makes one field of the rest of the file, and a file
+# without line breaks is one line.
+_MAX_FIELD_CHARS = 1 << 20
+_MAX_RECORD_LINES = 100
+_MAX_LINE_CHARS = 16 << 20
+_WIDE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"),
+)  # fmt: skip
+# A lone JSON "\ud83d" (half an emoji, cut by a scraper) makes a str arrow and parquet refuse.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_T = TypeVar("_T")
 
 
 def row_key(row_number: int) -> str:
@@ -150,12 +173,18 @@ class UrlSource:
     # -- validation -------------------------------------------------------------------------
 
     def _check_columns(self) -> pa.Schema:
-        """Check every file has the needed columns; return the schema of the kept ones."""
-        keep_types: dict[str, pa.DataType] = {}
+        """Check every file has the needed columns; return the schema of the kept ones.
+
+        A kept column typed differently across files gets a type all of them cast to
+        (int32 and int64 -> int64, int64 and string -> string), else a UserError here.
+        """
+        kept: dict[str, tuple[pa.DataType, Path]] = {}  # column -> (type so far, a file with it)
         for path, fmt in zip(self.files, self.formats, strict=True):
             if fmt == "txt":
                 continue
             schema = _file_schema(path, fmt)
+            if schema is None:
+                continue  # no header and no record: an empty input, nothing to check
             for col, flag in [(self.url_col, "--url-col"), (self.caption_col, "--caption-col")]:
                 if col and col not in schema.names:
                     hint = " or --caption-col '' for none" if flag == "--caption-col" else ""
@@ -169,8 +198,8 @@ class UrlSource:
                         f"{path.name} has no column {col!r} to keep (columns: "
                         f"{', '.join(schema.names)}); fix --keep-col"
                     )
-                keep_types.setdefault(col, schema.field(col).type)
-        return pa.schema([(col, keep_types.get(col, pa.string())) for col in self.keep_cols])
+                kept[col] = _merge_kept_type(col, kept.get(col), (schema.field(col).type, path))
+        return pa.schema([(c, kept[c][0] if c in kept else pa.string()) for c in self.keep_cols])
 
     # -- description ------------------------------------------------------------------------
 
@@ -247,9 +276,8 @@ class UrlSource:
         if fmt == "parquet":
             columns = [self.url_col] + ([self.caption_col] if self.caption_col else [])
             columns += [c for c in self.keep_cols if c not in columns]
-            parquet = pq.ParquetFile(path)
-            for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-                yield _normalise(pa.Table.from_batches([batch]), self, schema)
+            for batch in _parquet_batches(path, columns):
+                yield _normalise(pa.Table.from_batches([batch]), self, schema, path)
             return
         records = _text_records(path, fmt)
         while True:
@@ -266,31 +294,126 @@ class UrlSource:
             yield pa.table(columns, schema=schema)
 
 
-def _normalise(table: pa.Table, source: UrlSource, schema: pa.Schema) -> pa.Table:
+# -- parquet ----------------------------------------------------------------------------------
+
+
+def _parquet_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns``; a damaged file is a UserError naming the row reached."""
+    rows = 0
+    try:
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+            yield batch
+            rows += batch.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(
+            f"cannot read {path.name} after row {rows} ({_one_line(e)}); the file is damaged: "
+            "re-download or re-write it"
+        ) from None
+
+
+def _normalise(table: pa.Table, source: UrlSource, schema: pa.Schema, path: Path) -> pa.Table:
     """Rename a parquet batch to (url, caption, kept columns) with the output types."""
     n = table.num_rows
     url = table.column(source.url_col)
     caption = table.column(source.caption_col) if source.caption_col else pa.nulls(n, pa.string())
     arrays = [_to_string(url), _to_string(caption)]
-    arrays += [table.column(col).cast(schema.field(col).type) for col in source.keep_cols]
+    arrays += [_cast_kept(table.column(col), schema.field(col).type, col, path)
+               for col in source.keep_cols]  # fmt: skip
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _to_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_string(column.type):
-        return column
+        return _valid_utf8(column)
     if pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
-        return column.cast(pa.string())
+        return _valid_utf8(column).cast(pa.string())
     # Numbers or bytes in a URL column are bad rows, not a bad file: turn them into text.
     return pa.chunked_array([pa.array([_as_text(v) for v in column.to_pylist()], pa.string())])
 
 
+def _cast_kept(column: pa.ChunkedArray, to: pa.DataType, col: str, path: Path) -> pa.ChunkedArray:
+    """A kept column in the type it has across all input files."""
+    try:
+        return _valid_utf8(column).cast(to)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        # The common type was chosen upfront; only a value it cannot hold lands here
+        # (an int64 above 2**53 where another file has float64).
+        raise UserError(
+            f"{path.name}: column {col!r} does not fit {to}, its type across the input files "
+            f"({_one_line(e)}); keep another column or give it one type in every file"
+        ) from None
+
+
+def _valid_utf8(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``column`` with invalid UTF-8 replaced by U+FFFD, as the text formats read it.
+
+    Parquet writers do not all check string columns, and arrow only notices when a value is
+    converted (as a row, or when the shard's parquet is written): repair it here, once.
+    """
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column
+    try:
+        column.validate(full=True)  # fast (SIMD); the Python repair below runs on bad batches
+        return column
+    except pa.ArrowInvalid:
+        raw = column.cast(pa.large_binary()).to_pylist()  # no UTF-8 check on the way to bytes
+        fixed = [None if v is None else v.decode("utf-8", "replace") for v in raw]
+        return pa.chunked_array([pa.array(fixed, column.type)])
+
+
+def _merge_kept_type(
+    col: str, seen: tuple[pa.DataType, Path] | None, new: tuple[pa.DataType, Path]
+) -> tuple[pa.DataType, Path]:
+    """The type of kept column ``col`` so far, merged with its type ``new`` in another file."""
+    if seen is None:
+        return new
+    common = _common_type(seen[0], new[0])
+    if common is None:
+        raise UserError(
+            f"--keep-col {col!r} is {seen[0]} in {seen[1].name} but {new[0]} in {new[1].name}, "
+            "and no type holds both; keep another column or give it one type in every file"
+        )
+    return common, seen[1]
+
+
+def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """A type both ``a`` and ``b`` cast to (int32, int64 -> int64), or None if there is none."""
+    try:
+        schemas = [pa.schema([("c", a)]), pa.schema([("c", b)])]
+        return pa.unify_schemas(schemas, promote_options="permissive").field("c").type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    # Numbers, times or booleans in one file and text in another (a csv): keep the text forms.
+    return pa.string() if _has_text_form(a) and _has_text_form(b) else None
+
+
+def _has_text_form(kind: pa.DataType) -> bool:
+    """Whether values of ``kind`` read the same as text (numbers, times, text; not bytes)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (
+        pa.types.is_primitive(kind) or pa.types.is_decimal(kind)
+        or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    )  # fmt: skip
+
+
+# -- text formats -----------------------------------------------------------------------------
+
+
 def _as_text(value: object) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+    if value is None:
+        return None
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else str(value)
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict | list):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = str(value)
+    # isascii() is O(1) in CPython: the regex only scans the rare non-ASCII value.
+    return text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _take(records: Iterator[dict], n: int) -> list[dict]:
@@ -302,25 +425,171 @@ def _take(records: Iterator[dict], n: int) -> list[dict]:
     return batch
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+def _first(items: Generator[_T, None, None]) -> _T | None:
+    """The first item of ``items`` (None if none), closing it (and so its file) at once."""
+    with contextlib.closing(items):
+        return next(items, None)
 
 
-def _text_records(path: Path, fmt: str) -> Iterator[dict]:
+def _open_bytes(path: Path) -> io.BufferedIOBase:
+    """The bytes of ``path``, gunzipped when they are gzip (told by the bytes, not the name)."""
+    f = open(path, "rb")
+    if f.peek(2)[:2] != _GZIP_MAGIC:
+        return f
+    f.close()
+    return gzip.open(path, "rb")
+
+
+def _open_text(path: Path) -> io.TextIOWrapper:
+    """``path`` as UTF-8 text: a BOM dropped, undecodable bytes read as U+FFFD."""
+    with _open_bytes(path) as f:
+        _refuse_wide_encoding(path, f.read(_SNIFF_BYTES))
+    # newline="": the csv module sees "\r\n" inside quoted fields as they are.
+    return io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="replace", newline="")
+
+
+def _refuse_wide_encoding(path: Path, head: bytes) -> None:
+    """A UserError for UTF-16/32 text, which read as UTF-8 is NUL-ridden nonsense."""
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            raise UserError(
+                f"{path.name} is {encoding}; convert it to UTF-8 "
+                f"(e.g. iconv -f {encoding} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix})"
+            )
+    if head and head.count(0) * 4 >= len(head):  # ASCII as UTF-16 is half NUL bytes
+        raise UserError(
+            f"{path.name} looks like UTF-16 (a quarter of its first bytes are NUL) or is not "
+            "text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) or check --input-format"
+        )
+
+
+class _Lines:
+    """The lines of a text file, counted (for messages), each at most _MAX_LINE_CHARS long.
+
+    ``exhausted`` turns True when the end is reached: a csv row that comes back after that
+    was still inside quotes at the end of the file.
+    """
+
+    def __init__(self, f: io.TextIOBase, path: Path) -> None:
+        self.f = f
+        self.path = path
+        self.count = 0
+        self.exhausted = False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.f.readline(_MAX_LINE_CHARS + 1)
+        if not line:
+            self.exhausted = True
+            raise StopIteration
+        self.count += 1
+        if len(line) > _MAX_LINE_CHARS:
+            raise UserError(
+                f"{self.path.name} line {self.count} is longer than {_MAX_LINE_CHARS >> 20} MiB: "
+                "not a URL list (a binary file? no line breaks?); check the file or --input-format"
+            )
+        return line
+
+
+def _read_text(
+    path: Path, read: Callable[[_Lines, Path], Iterator[_T]]
+) -> Generator[_T, None, None]:
+    """What ``read`` makes of the lines of ``path``; a damaged file is a UserError."""
+    lines: _Lines | None = None
+    try:
+        with _open_text(path) as f:
+            lines = _Lines(f, path)
+            yield from read(lines, path)
+    except (OSError, EOFError, zlib.error) as e:  # gzip: BadGzipFile is an OSError
+        where = f" after line {lines.count}" if lines and lines.count else ""
+        raise UserError(
+            f"cannot read {path.name}{where} ({_one_line(e)}); the file is damaged or cut short: "
+            "re-download or re-compress it"
+        ) from None
+
+
+def _text_records(path: Path, fmt: str) -> Generator[dict, None, None]:
     """Records of a csv/tsv/jsonl/txt file (gzip'd or not), one dict per row."""
-    with _open_text(path) as f:
-        if fmt in ("csv", "tsv"):
-            csv.field_size_limit(sys.maxsize)  # captions can be long
-            yield from csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-        elif fmt == "jsonl":
-            for line_number, line in enumerate(f, 1):
-                if line.strip():
-                    yield _json_record(line, path, line_number)
-        else:
-            for line in f:
-                if line.strip():  # blank lines in a URL list are layout, not rows
-                    yield {TXT_COLUMN: line.strip()}
+    if fmt in ("csv", "tsv"):
+        return _read_text(path, partial(_csv_records, fmt=fmt))
+    return _read_text(path, _jsonl_records if fmt == "jsonl" else _txt_records)
+
+
+def _txt_records(lines: _Lines, path: Path) -> Iterator[dict]:
+    for line in lines:
+        if line.strip():  # blank lines in a URL list are layout, not rows
+            yield {TXT_COLUMN: line.strip()}
+
+
+def _jsonl_records(lines: _Lines, path: Path) -> Iterator[dict]:
+    for line in lines:
+        if line.strip():
+            yield _json_record(line, path, lines.count)
+
+
+def _csv_records(lines: _Lines, path: Path, fmt: str) -> Iterator[dict]:
+    rows = _csv_rows(lines, path, fmt)
+    header = next(rows, None)
+    if header is None:
+        return
+    for row in rows:
+        yield dict(zip(header, row, strict=False))  # a short row lacks its last columns
+
+
+def _csv_rows(lines: _Lines, path: Path, fmt: str) -> Iterator[list[str]]:
+    """The non-blank rows of a csv (RFC 4180 quotes) or tsv (no quoting: quotes are data).
+
+    A csv quote that is never closed would silently make one field of the rest of the file
+    (2,000 rows read as 11): it is a UserError naming the line where the field started.
+    """
+    if fmt == "tsv":  # CC3M and most URL dumps: a tab-separated line is a row, quotes and all
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(lines)
+    while True:
+        start = lines.count + 1
+        try:
+            row = _next_row(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(_csv_problem(path, fmt, start, str(e))) from None
+        if lines.exhausted:
+            problem = "a quoted field opened here is never closed"
+            raise UserError(_csv_problem(path, fmt, start, problem))
+        if lines.count - start >= _MAX_RECORD_LINES:
+            raise UserError(_csv_problem(
+                path, fmt, start,
+                f"a quoted field runs over {_MAX_RECORD_LINES} lines (to line {lines.count})",
+            ))  # fmt: skip
+        if row:  # a blank line is no row
+            yield row
+
+
+def _next_row(reader: Iterator[list[str]]) -> list[str]:
+    """The next row under our field limit. The csv module's limit is process-wide: it is set
+    for this read only and put back, so other csv users in the process are not affected."""
+    previous = csv.field_size_limit(_MAX_FIELD_CHARS)
+    try:
+        return next(reader)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _csv_problem(path: Path, fmt: str, line: int, problem: str) -> str:
+    """The one-line message for a csv/tsv row that cannot be read as one."""
+    if "field limit" in problem:  # csv.Error: field larger than field limit
+        problem = f"a field is longer than {_MAX_FIELD_CHARS >> 20} MiB"
+    if fmt == "tsv":
+        return f"{path.name} line {line}: {problem}; check the file or --input-format"
+    if "never closed" not in problem:
+        problem += ", so a quote is probably left open"
+    return (
+        f'{path.name} line {line}: {problem}; close the quote (write "" for a quote inside a '
+        "field) or, if the file is tab-separated without quoting, use --input-format tsv"
+    )
 
 
 def _json_record(line: str, path: Path, line_number: int) -> dict:
@@ -337,8 +606,11 @@ def _json_record(line: str, path: Path, line_number: int) -> dict:
     return record
 
 
-def _file_schema(path: Path, fmt: str) -> pa.Schema:
-    """Column names (and, for parquet, types) of one input file, read from its head only."""
+def _file_schema(path: Path, fmt: str) -> pa.Schema | None:
+    """Column names (and, for parquet, types) of one input file, read from its head only.
+
+    None for a text file with neither header nor record: an empty input, not a mistake.
+    """
     if fmt == "parquet":
         try:
             return pq.ParquetFile(path).schema_arrow
@@ -346,11 +618,16 @@ def _file_schema(path: Path, fmt: str) -> pa.Schema:
             raise UserError(
                 f"{path} is not a readable parquet file ({e}); check the file"
             ) from None
-    try:
-        first = next(_text_records(path, fmt), None)
-    except (OSError, EOFError, csv.Error) as e:
-        raise UserError(
-            f"cannot read {path} as {fmt} ({e}); check the file or --input-format"
-        ) from None
-    names = list(first) if first else []
-    return pa.schema([(str(name), pa.string()) for name in names])
+    if fmt in ("csv", "tsv"):  # the header line: a header-only file still names its columns
+        names = _first(_read_text(path, partial(_csv_rows, fmt=fmt)))
+    else:
+        first = _first(_text_records(path, fmt))
+        names = None if first is None else list(first)
+    if names is None:
+        return None
+    return pa.schema([(str(name), pa.string()) for name in dict.fromkeys(names)])
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (arrow's span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
