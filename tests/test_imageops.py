@@ -10,7 +10,13 @@ from PIL import Image, ImageDraw
 
 from conftest import make_image, png_header_only
 from vlmdata.errors import UserError
-from vlmdata.pipeline.imageops import SquareOptions, inspect_image, parse_fill, square_image
+from vlmdata.pipeline.imageops import (
+    SquareOptions,
+    inspect_image,
+    make_square,
+    parse_fill,
+    square_image,
+)
 
 SIZE = 64
 OPTIONS = SquareOptions(size=SIZE)
@@ -231,3 +237,186 @@ def test_parse_fill():
     assert parse_fill("255,255,255") == (255, 255, 255)
     with pytest.raises(UserError, match="R,G,B"):
         parse_fill("white")
+
+
+# --- one allow-list of formats ---------------------------------------------------------------
+
+
+def test_one_list_of_formats_for_every_stage():
+    from vlmdata.pipeline import image_sources, imageops
+
+    assert image_sources.IMAGE_EXTENSIONS is imageops.IMAGE_EXTENSIONS
+    assert {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"} <= imageops.IMAGE_EXTENSIONS
+    assert set(imageops.FORMAT_EXTENSIONS) == set(imageops.FORMATS)
+
+
+def test_mpo_is_a_jpeg():
+    frames = [Image.new("RGB", (80, 60), color) for color in (RED, BLUE)]
+    data = encode(frames[0], "MPO", save_all=True, append_images=frames[1:])
+    result = inspect_image(data, MAX_PIXELS)
+    assert (result.status, result.format, result.extension) == ("success", "MPO", "jpg")
+    assert close(square(data).getpixel((SIZE // 2, SIZE // 2)), RED)
+
+
+def foreign(fmt: str) -> bytes:
+    """A small image in ``fmt``, a format Pillow reads but vlmdata does not accept."""
+    image = Image.new("RGB", (40, 30), GREEN)
+    if fmt in ("XBM", "MSP"):
+        image = image.convert("1")
+    try:
+        return encode(image, fmt)
+    except (KeyError, OSError) as e:  # this Pillow was built without that codec
+        pytest.skip(f"cannot write {fmt}: {e}")
+
+
+# Signed formats: identified from their bytes, reported as unsupported_format.
+SIGNED = ["ICO", "TGA", "QOI", "DDS", "JPEG2000", "AVIF", "PPM", "EPS", "PDF", "ICNS"]
+# Formats with no reliable signature: unsupported_format or not_an_image, never success.
+UNSIGNED = ["PCX", "SGI", "IM", "SPIDER", "MSP", "XBM"]
+
+
+@pytest.mark.parametrize("fmt", SIGNED + UNSIGNED)
+def test_formats_outside_the_list_are_refused(fmt):
+    data = foreign(fmt)
+    options = SquareOptions(size=SIZE)
+    results = [inspect_image(data, MAX_PIXELS), square_image(data, options, MAX_PIXELS),
+               make_square(data, options, MAX_PIXELS)[0]]  # fmt: skip
+    kinds = {"unsupported_format"} if fmt in SIGNED else {"unsupported_format", "not_an_image"}
+    for result in results:
+        assert result.status == "failed_to_decode" and result.error_kind in kinds, (fmt, result)
+        assert result.error
+
+
+def test_unsupported_format_names_the_format():
+    result = inspect_image(foreign("ICO"), MAX_PIXELS)
+    assert "ICO" in result.error and "JPEG" in result.error
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+       b"0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")  # fmt: skip
+DOS_EPS = b"\xc5\xd0\xd3\xc6" + struct.pack("<IIIIII", 30, len(EPS), 0, 0, 0, 0) + b"\xff\xff" + EPS
+
+
+@pytest.mark.parametrize("data", [EPS, DOS_EPS], ids=["eps", "dos-eps"])
+def test_eps_never_reaches_pillows_eps_plugin(monkeypatch, data):
+    from PIL import EpsImagePlugin
+
+    calls = []
+
+    def spy(self):  # what Image.open would run on an EPS, and Ghostscript after it
+        calls.append(self)
+        raise SyntaxError("spy")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))
+    options = SquareOptions(size=SIZE)
+    for result in (inspect_image(data, MAX_PIXELS), square_image(data, options, MAX_PIXELS),
+                   make_square(data, options, MAX_PIXELS)[0]):  # fmt: skip
+        assert (result.status, result.error_kind) == ("failed_to_decode", "unsupported_format")
+    assert calls == []
+
+
+# --- decoder exceptions are data -------------------------------------------------------------
+
+
+def jpeg_with_exif_segment(payload: bytes, size: tuple[int, int] = (40, 30)) -> bytes:
+    """A JPEG whose APP1 segment is ``payload`` as is (no validation)."""
+    data = encode(Image.new("RGB", size, RED), "JPEG")
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+def malformed_exif(orientation: int) -> bytes:
+    """EXIF with an orientation and an XResolution stored as the signed rational -1/0, which
+    Pillow reads back as nan and cannot write again (struct.error in exif_transpose)."""
+    entries = [(0x0112, 3, 1, struct.pack("<HH", orientation, 0)),
+               (0x011A, 10, 1, struct.pack("<I", 8 + 2 + 2 * 12 + 4))]  # fmt: skip
+    ifd = struct.pack("<H", len(entries))
+    ifd += b"".join(struct.pack("<HHI", *entry[:3]) + entry[3] for entry in entries)
+    return b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + struct.pack("<ii", -1, 0)
+
+
+def test_malformed_exif_neither_raises_nor_loses_the_orientation():
+    data = jpeg_with_exif_segment(malformed_exif(6))  # stored 40x30, displayed 30x40
+    options = SquareOptions(size=SIZE)
+    result, image = make_square(data, options, MAX_PIXELS)
+    assert result.ok and image.size == (SIZE, SIZE)
+    assert (result.original_width, result.original_height) == (30, 40)
+    assert square_image(data, options, MAX_PIXELS).ok
+    assert inspect_image(data, MAX_PIXELS).ok
+
+
+@pytest.mark.parametrize(
+    "error",
+    [struct.error("bad"), KeyError("x"), ZeroDivisionError(), RuntimeError("x"), MemoryError()],
+)
+def test_any_decoder_exception_is_a_broken_image(monkeypatch, error):
+    from PIL import ImageFile
+
+    def load(self):
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    jpeg = make_image(200, 150)
+    for data, result in [
+        (jpeg, square_image(jpeg, OPTIONS, MAX_PIXELS)),
+        (jpeg, make_square(jpeg, OPTIONS, MAX_PIXELS)[0]),
+        (jpeg[:-100], inspect_image(jpeg[:-100], MAX_PIXELS)),  # cut: inspect decodes it
+    ]:
+        assert (result.status, result.error_kind) == ("failed_to_decode", "broken_image"), data
+        assert type(error).__name__ in result.error
+
+
+def test_interrupts_are_not_swallowed(monkeypatch):
+    from PIL import ImageFile
+
+    def load(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with pytest.raises(KeyboardInterrupt):
+        square_image(make_image(200, 150), OPTIONS, MAX_PIXELS)
+
+
+# --- no process-wide Pillow state ------------------------------------------------------------
+
+_GLOBALS_SCRIPT = """
+import sys, warnings
+sys.path.insert(0, "tests")
+from PIL import Image
+from conftest import make_image, png_header_only
+import vlmdata.pipeline.shards  # imageops' own imports (pyarrow, numpy) add warning filters
+before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))
+from vlmdata.pipeline import imageops
+options = imageops.SquareOptions(size=32)
+for data in (make_image(300, 200), make_image(50, 40, "PNG"), png_header_only(12000, 10000)):
+    imageops.inspect_image(data, 100_000_000)
+    imageops.square_image(data, options, 100_000_000)
+after = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))
+print("unchanged" if before == after else f"changed: {before} -> {after}")
+"""
+
+
+def test_pillow_globals_are_left_alone():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _GLOBALS_SCRIPT], cwd=root, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.stdout.strip() == "unchanged", done.stdout + done.stderr
+
+
+def test_the_pixel_limit_is_max_pixels_not_pillows():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # 120 MP: above --max-pixels 100 MP, refused from the header
+        refused = inspect_image(png_header_only(12_000, 10_000), 100_000_000)
+        # 200 MP: above twice Pillow's own default limit, yet allowed by --max-pixels 300 MP
+        allowed = inspect_image(png_header_only(20_000, 10_000), 300_000_000)
+    assert (refused.error_kind, refused.original_width) == ("decompression_bomb", 12_000)
+    assert "--max-pixels" in refused.error
+    assert allowed.ok and (allowed.width, allowed.height) == (20_000, 10_000)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -97,10 +97,13 @@ def run_command(stage: Callable[[], object]) -> None:
     SIGTERM stops the run like Ctrl-C: one line, and the output resumes on a rerun.
     """
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    previous_show = warnings.showwarning
-    warnings.showwarning = _show_warning
     try:
-        summary = stage()
+        with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+            warnings.showwarning = _show_warning
+            # Pillow warns about the bad files it reads (truncated EXIF, odd tags): that is
+            # data, and every image gets its status row; one line per file would flood stderr.
+            warnings.filterwarnings("ignore", module=r"PIL\.")
+            summary = stage()
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
@@ -109,7 +112,6 @@ def run_command(stage: Callable[[], object]) -> None:
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code) from None
     finally:
-        warnings.showwarning = previous_show
         signal.signal(signal.SIGTERM, previous_term)
     typer.echo(summary if isinstance(summary, str) else summary.format())
 

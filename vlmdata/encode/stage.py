@@ -11,7 +11,6 @@ input sample (success, placeholder or failed_to_decode, with the placeholder sim
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,6 @@ from vlmdata.pipeline.shards import (
     duplicate_fields,
     read_state_json,
     shard_stats,
-    unique_key,
     write_parquet_atomic,
 )
 from vlmdata.pipeline.stats import RunSummary
@@ -170,15 +168,13 @@ class _SquaredImages(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         part, parts = (worker.id, worker.num_workers) if worker else (0, 1)
-        seen: Counter[str] = Counter()  # every worker counts every key: repeats agree
         for index, sample in enumerate(self.shard.samples()):
-            key = unique_key(sample.key, seen)
             if index % parts != part:
                 continue
-            item = {"key": key, "caption": sample.caption or "", "url": sample.meta.get("url"),
-                    "source": sample.source, "image": None}  # fmt: skip
-            if key != sample.key:  # the first of a repeated key is kept: no decode
-                yield {**item, **duplicate_fields(sample.key)}
+            item = {"key": sample.key, "caption": sample.caption or "", "image": None,
+                    "url": sample.meta.get("url"), "source": sample.source}  # fmt: skip
+            if sample.duplicate:  # the first of a repeated key is kept: no decode
+                yield {**item, **duplicate_fields()}
                 continue
             result, square = make_square(sample.image, self.options, self.max_pixels)
             tensor = None if square is None else normalized(square, self.mean, self.std)

@@ -2,24 +2,33 @@
 webdataset output) or a plain folder of images with optional same-name ``.txt`` captions.
 
 Tars are streamed member by member, so a shard never has to fit in memory. A tar keeps its
-name and its keys; a plain folder is cut into shards of ``shard_size`` files in sorted order,
-keyed by position like a URL list's rows.
+keys (webdataset's rule: the member path without its extension) and, when its name is a number,
+its shard number; a plain folder is cut into shards of ``shard_size`` files in sorted order,
+keyed by position like a URL list's rows. A folder holds one or the other, never both.
+
+Everything a :class:`Sample` carries as text is valid UTF-8, whatever bytes the file names,
+member names or sidecar files hold: the stages write it to parquet, tar and HDF5.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmdata.errors import UserError
+from vlmdata.pipeline.imageops import IMAGE_EXTENSIONS
 from vlmdata.pipeline.shards import shard_name
 from vlmdata.pipeline.sources import row_key
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+_SAMPLE_EXTENSIONS = IMAGE_EXTENSIONS | {"txt", "json"}  # the tar members a sample reads
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,9 @@ class Sample:
     caption: str | None
     meta: dict  # the input's KEY.json (url and the like), {} when there is none
     source: str  # where the image came from: tar member or file path
+    # A key already yielded from this shard: the first is kept, each repeat is renamed
+    # ``KEY#2``, ``KEY#3``, ... (keys stay unique in an output) and recorded as a duplicate.
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,29 +60,30 @@ class ImageShard:
             yield from _tar_samples(self.tar)
             return
         for offset, path in enumerate(self.files):
-            caption_file = path.with_suffix(".txt")
-            caption = (
-                caption_file.read_text(encoding="utf-8", errors="replace").strip()
-                if caption_file.exists()
-                else None
-            )
-            yield Sample(row_key(self.start + offset), path.read_bytes(), caption, {}, str(path))
+            yield Sample(
+                row_key(self.start + offset), path.read_bytes(), _caption_beside(path), {},
+                _text(str(path)),  # a file name need not be UTF-8; the file still reads
+            )  # fmt: skip
 
 
 def find_image_shards(input_dir: Path, shard_size: int) -> list[ImageShard]:
-    """The shards of ``input_dir``: its ``*.tar`` files, else its images (recursively)."""
+    """The shards of ``input_dir``: its ``*.tar`` files, or its images (recursively).
+
+    A folder with both is refused: reading either alone would silently drop the other.
+    """
     if not input_dir.is_dir():
         raise UserError(f"input {input_dir} is not a directory of shards or images")
-    tars = sorted(input_dir.glob("*.tar"))
-    if tars:
-        return [
-            ImageShard(shard_name(int(p.stem) if p.stem.isdigit() else i), tar=p)
-            for i, p in enumerate(tars)
-        ]
+    tars = sorted(p for p in input_dir.glob("*.tar") if p.is_file())
     images = sorted(
         p for p in input_dir.rglob("*")
         if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
     )  # fmt: skip
+    if tars and images:
+        raise UserError(_mixed_input_message(input_dir, tars, len(images)))
+    if tars:
+        return [
+            ImageShard(name, tar=p) for p, name in zip(tars, _tar_shard_names(tars), strict=True)
+        ]
     if not images:
         raise UserError(
             f"{input_dir} holds no .tar shards and no images "
@@ -82,15 +95,49 @@ def find_image_shards(input_dir: Path, shard_size: int) -> list[ImageShard]:
     ]
 
 
+def _tar_shard_names(tars: list[Path]) -> list[str]:
+    """The output shard name of each of ``tars`` (sorted by name): distinct files, distinct names.
+
+    A tar named by a number keeps it (``7.tar`` and ``000007.tar`` are shard ``00007``); when
+    several spell one number, the one spelled like a shard name keeps it (else the first in
+    sorted order). The others, and every tar not named by a number, follow the largest number,
+    in sorted order: two input files never write one output shard.
+    """
+    numbers = {p: int(p.stem) for p in tars if p.stem.isascii() and p.stem.isdigit()}
+    owner: dict[int, Path] = {}
+    for path in sorted(numbers, key=lambda p: (p.stem != shard_name(numbers[p]), p.name)):
+        owner.setdefault(numbers[path], path)
+    following = max(numbers.values(), default=-1) + 1
+    names = []
+    for path in tars:
+        if path in numbers and owner[numbers[path]] == path:
+            names.append(shard_name(numbers[path]))
+        else:
+            names.append(shard_name(following))
+            following += 1
+    return names
+
+
+def _mixed_input_message(input_dir: Path, tars: list[Path], images: int) -> str:
+    shown = ", ".join(_text(p.name) for p in tars[:3]) + (", ..." if len(tars) > 3 else "")
+    tar_files = f"{len(tars)} .tar file{'s' if len(tars) != 1 else ''} ({shown})"
+    loose = f"{images} loose image{'s' if images != 1 else ''}"
+    return (
+        f"{_text(str(input_dir))} holds {tar_files} and {loose}; pass a folder of shards or "
+        "a folder of images, not both"
+    )
+
+
 def fingerprint(shards: list[ImageShard]) -> dict:
-    """What identifies an image input: shard names and sizes, or the folder listing."""
+    """What identifies an image input: each tar's file name, the output shard it makes and its
+    size; or the folder listing."""
     if shards and shards[0].tar is not None:
-        return {"tars": [[s.tar.name, s.tar.stat().st_size] for s in shards]}
+        return {"tars": [[_text(s.tar.name), s.name, s.tar.stat().st_size] for s in shards]}
     listing = hashlib.sha256()
     count = 0
     for shard in shards:
         for path in shard.files:
-            listing.update(f"{path}\0{path.stat().st_size}\n".encode())
+            listing.update(os.fsencode(path) + f"\0{path.stat().st_size}\n".encode())
             count += 1
     return {"images": count, "listing_sha256": listing.hexdigest()}
 
@@ -113,35 +160,115 @@ def expected_samples(shards: list[ImageShard]) -> int | None:
     return total
 
 
+@dataclass
+class _Group:
+    """The members of one sample being gathered: consecutive members with one key."""
+
+    key: str
+    data: dict[str, bytes] = field(default_factory=dict)  # extension -> bytes, wanted ones
+    extensions: set[str] = field(default_factory=set)  # every one seen: a repeat is a new sample
+
+
 def _tar_samples(path: Path) -> Iterator[Sample]:
-    """Group a webdataset tar's consecutive members by key (the name up to its first dot)."""
-    group: dict[str, bytes] = {}
-    key = None
+    """A webdataset tar's samples: consecutive members grouped by key, repeats flagged."""
+    yielded: Counter[str] = Counter()  # keys of this shard so far: grows with keys, not images
+    group: _Group | None = None
     try:
         with tarfile.open(path, "r|") as tar:  # streaming: one member in memory at a time
             for member in tar:
-                if not member.isfile():
+                split = _member_key(member)
+                if split is None:
                     continue
-                base = member.name.rsplit("/", 1)[-1]
-                member_key, _, extension = base.partition(".")
-                if member_key != key:
-                    if key is not None:
-                        yield from _sample(key, group, path)
-                    key, group = member_key, {}
-                group[extension.lower()] = tar.extractfile(member).read()
+                key, extension = split
+                if group is None or key != group.key or extension in group.extensions:
+                    if group is not None:
+                        yield from _sample(group, path, yielded)
+                    group = _Group(key)
+                group.extensions.add(extension)
+                if extension in _SAMPLE_EXTENSIONS:
+                    group.data[extension] = tar.extractfile(member).read()
     except tarfile.TarError as e:
         raise UserError(f"{path} is not a valid tar ({e}); rerun the stage that wrote it") from None
-    if key is not None:
-        yield from _sample(key, group, path)
+    if group is not None:
+        yield from _sample(group, path, yielded)
 
 
-def _sample(key: str, group: dict[str, bytes], path: Path) -> Iterator[Sample]:
-    extension = next((ext for ext in group if ext in IMAGE_EXTENSIONS), None)
+def _member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """A regular member's (key, lower-case extension), or None for a member that is no part
+    of a sample.
+
+    webdataset's rule: the key is the member path without its extension, its folders kept
+    (``partA/0001`` and ``partB/0001`` are two samples), the extension runs from the first dot
+    of the last path component. Links, folders and devices are skipped, never followed. Empty,
+    ``.`` and ``..`` components are dropped: a stage writes ``KEY.jpg`` into its own tar, and a
+    key must never climb out of a folder there. Names without a dot or without anything before
+    it (``README``, ``._0001.jpg`` from macOS) are skipped, as webdataset does.
+    """
+    if not member.isfile():
+        return None
+    parts = [part for part in member.name.split("/") if part not in ("", ".", "..")]
+    if not parts:
+        return None
+    stem, dot, extension = parts[-1].partition(".")
+    if not stem or not dot:
+        return None
+    return _text("/".join([*parts[:-1], stem])), extension.lower()
+
+
+def _sample(group: _Group, path: Path, yielded: Counter[str]) -> Iterator[Sample]:
+    """The sample of ``group``, if it has an image."""
+    extension = next((ext for ext in group.data if ext in IMAGE_EXTENSIONS), None)
     if extension is None:
         return
-    caption = group["txt"].decode("utf-8", "replace") if "txt" in group else None
+    yielded[group.key] += 1
+    repeat = yielded[group.key]
+    caption = group.data["txt"].decode("utf-8", "replace") if "txt" in group.data else None
+    source = _text(f"{path.name}:{group.key}.{extension}")
+    meta = _meta(group.data.get("json"))
+    key = group.key if repeat == 1 else f"{group.key}#{repeat}"
+    yield Sample(key, group.data[extension], caption, meta, source, duplicate=repeat > 1)
+
+
+def _meta(raw: bytes | None) -> dict:
+    """A KEY.json member as a dict of valid text; {} when absent, not JSON or not an object."""
+    if raw is None:
+        return {}
     try:
-        meta = json.loads(group["json"]) if "json" in group else {}
-    except ValueError:
-        meta = {}
-    yield Sample(key, group[extension], caption, meta, f"{path.name}:{key}.{extension}")
+        meta = json.loads(raw.decode("utf-8-sig", "replace"))
+        return _valid(meta) if isinstance(meta, dict) else {}
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python recurses
+        return {}
+
+
+def _valid(value: object) -> object:
+    """``value`` (parsed JSON) with lone surrogates (``"\\udce9"`` escapes) out of every string."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {_text(k): _valid(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid(v) for v in value]
+    return value
+
+
+def _caption_beside(image: Path) -> str | None:
+    """The same-name ``.txt`` of an image in a folder, decoded whatever its bytes."""
+    caption_file = image.with_suffix(".txt")
+    if not caption_file.exists():
+        return None
+    return caption_file.read_text(encoding="utf-8", errors="replace").strip()
+
+
+def _text(text: str) -> str:
+    """``text`` made valid UTF-8.
+
+    Python decodes file and tar member names that are not UTF-8 with ``surrogateescape``; such
+    a byte becomes ``\\xNN`` (the name stays readable and distinct), any other lone surrogate
+    U+FFFD.
+    """
+    return _SURROGATE.sub(_escape_surrogate, text)
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "\ufffd"

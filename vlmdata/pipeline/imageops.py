@@ -1,8 +1,11 @@
 """Image operations: check a body is an image, and the adaptive crop/pad square preprocessor.
 
 Everything here is a pure function from bytes to an :class:`ImageResult`, safe to run in worker
-processes. Bytes are sniffed by Pillow, never trusted from a Content-Type; the pixel-count guard
-reads the header only, so a decompression bomb is refused before a single pixel is decoded.
+processes and threads: it sets no process-wide state (Pillow's ``MAX_IMAGE_PIXELS``, warning
+filters). Bytes are sniffed, never trusted from a Content-Type, and only the readers of
+:data:`FORMATS` ever see them: Pillow's other plugins are never tried (EPS would run
+Ghostscript on web bytes). The pixel-count guard reads the header only, so a decompression bomb
+is refused before a single pixel is decoded. Whatever a decoder raises is a ``broken_image``.
 
 The square rule (DESIGN.md, "preprocess"): after EXIF orientation and conversion to RGB (alpha
 composited onto the fill colour), ``r = min(w, h) / max(w, h)``; if ``r >= pad_threshold`` the
@@ -15,25 +18,69 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import warnings
+import struct
 from dataclasses import dataclass, replace
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+# The readers of the accepted formats: importing them registers them with Pillow.
+from PIL import (  # noqa: F401
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,
+)
 
 from vlmdata.errors import UserError
 from vlmdata.pipeline.shards import FAILED_TO_DECODE, FILTERED, SUCCESS
 
-# Pillow's own bomb check warns at its limit and raises at twice it; we enforce ours instead.
-Image.MAX_IMAGE_PIXELS = None
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# The one list of image formats every stage accepts (download, preprocess, encode, and the
+# folder scan of image_sources), each with its file extensions: the first is the one written.
+FORMATS: dict[str, tuple[str, ...]] = {
+    "JPEG": ("jpg", "jpeg"), "MPO": ("jpg",), "PNG": ("png",), "WEBP": ("webp",),
+    "GIF": ("gif",), "BMP": ("bmp",), "TIFF": ("tiff", "tif"),
+}  # fmt: skip
+FORMAT_EXTENSIONS = {fmt: extensions[0] for fmt, extensions in FORMATS.items()}
+IMAGE_EXTENSIONS = frozenset(ext for extensions in FORMATS.values() for ext in extensions)
+# Pillow's readers tried, in order (JPEG's reader returns an MPO for multi-picture files).
+_READERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# What a Pillow reader raises for "not my format" (what Image.open moves on after).
+_NOT_THIS_FORMAT = (SyntaxError, IndexError, TypeError, struct.error)
 
-FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
-                     "TIFF": "tiff", "MPO": "jpg"}  # fmt: skip
+# Signatures of image formats Pillow (or the web) knows but vlmdata does not accept: they make
+# an unsupported_format rather than a not_an_image. Matched on the bytes alone, so no parser of
+# theirs ever runs; TGA has no signature but an optional footer, see _foreign_format.
+_FOREIGN_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"icns", "ICNS"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"qoif", "QOI"),
+    (b"DDS ", "DDS"),
+    (b"8BPS", "PSD"),
+    (b"%PDF", "PDF"),
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+)
+_NETPBM = {b"1": "PBM", b"2": "PGM", b"3": "PPM", b"4": "PBM", b"5": "PGM", b"6": "PPM",
+           b"7": "PAM", b"f": "PFM", b"F": "PFM"}  # fmt: skip
+_ISO_MEDIA_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC",
+                     b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF",
+                     b"msf1": "HEIF"}  # fmt: skip
+
 OUTPUT_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _DRAFT_SCALE = 8  # the largest JPEG DCT scaling (1/8)
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-# Pillow's decoders signal broken data with a zoo of exception types.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError)
+_ORIENTATION = 0x0112  # EXIF tag
+# How to turn each EXIF orientation upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,8 +171,8 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageResult:
             )  # fmt: skip
     except _Refused as refused:
         return refused.result
-    except _DECODE_ERRORS as e:
-        return _failure("broken_image", f"{type(e).__name__}: {e}")
+    except Exception as e:  # bad data, whatever the decoder raised (MemoryError included)
+        return _decode_failure(e)
 
 
 def square_image(data: bytes, options: SquareOptions, max_pixels: int) -> ImageResult:
@@ -147,7 +194,8 @@ def make_square(
     what happened (``format``, ``data`` and ``sha256`` are left for the caller's encoding)."""
     try:
         with _open(data, max_pixels) as image:
-            oriented = _oriented_size(image)
+            orientation = _orientation(image)
+            oriented = _oriented_size(image.size, orientation)
             geometry = {"original_width": oriented[0], "original_height": oriented[1],
                         "ratio": _ratio(*oriented)}  # fmt: skip
             if min(oriented) < options.min_side:
@@ -155,12 +203,12 @@ def make_square(
                 return _failure("too_small", message, **geometry), None
             action = "crop" if geometry["ratio"] >= options.pad_threshold else "pad"
             _draft_jpeg(image, _draft_request(image.size, options.size, action))
-            rgb = to_rgb(ImageOps.exif_transpose(image), options.fill)
+            rgb = to_rgb(_upright(image, orientation), options.fill)
             square = _crop_or_pad(rgb, action, options)
     except _Refused as refused:
         return refused.result, None
-    except _DECODE_ERRORS as e:
-        return _failure("broken_image", f"{type(e).__name__}: {e}"), None
+    except Exception as e:  # bad data, whatever the decoder raised (MemoryError included)
+        return _decode_failure(e), None
     result = ImageResult(width=options.size, height=options.size, action=action, **geometry)
     return result, square
 
@@ -227,11 +275,33 @@ def _draft_jpeg(image: Image.Image, request: tuple[int, int]) -> None:
         image.draft("RGB", request)
 
 
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation, 1 (as stored) when there is none or it cannot be read.
+
+    EXIF is metadata written by every kind of software: a block Pillow cannot parse is no
+    reason to lose pixels that decode fine.
+    """
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: treated as absent
+        return 1
+    return orientation if isinstance(orientation, int) and orientation in _UPRIGHT else 1
+
+
+def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     """The size as displayed: EXIF orientations 5-8 swap width and height."""
-    width, height = image.size
-    orientation = image.getexif().get(0x0112, 1)
+    width, height = size
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _upright(image: Image.Image, orientation: int) -> Image.Image:
+    """The pixels as displayed.
+
+    Not ``ImageOps.exif_transpose``: besides the pixels it rewrites the EXIF block, which raises
+    (struct.error, ...) on values Pillow read but cannot write back; the squares keep no EXIF.
+    """
+    method = _UPRIGHT.get(orientation)
+    return image if method is None else image.transpose(method)
 
 
 def _ratio(width: int, height: int) -> float:
@@ -243,18 +313,24 @@ class _Refused(Exception):
         self.result = result
 
 
+def _decode_failure(error: Exception) -> ImageResult:
+    """The result for an exception raised while reading or decoding an image.
+
+    Pillow's readers keep a pixel guard of their own, at a fixed process-wide limit, inside
+    some formats (WebP and MPO headers, GIF frames, TIFF tiles): it shows as a
+    DecompressionBombError, refused like ours.
+    """
+    if isinstance(error, Image.DecompressionBombError):
+        return _failure("decompression_bomb", str(error))
+    return _failure("broken_image", f"{type(error).__name__}: {error}")
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Open ``data`` (header only) or raise _Refused: empty, not an image, too many pixels."""
+    """Open ``data`` (header only) or raise _Refused: empty, not an image, not an accepted
+    format, too many pixels. Other exceptions are the reader's: the caller's broken_image."""
     if not data:
         raise _Refused(_failure("empty", "empty body"))
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise _Refused(_failure("not_an_image", f"not an image: {_sniff(data)}")) from None
-    except Image.DecompressionBombError as e:
-        raise _Refused(_failure("decompression_bomb", str(e))) from None
-    except _DECODE_ERRORS as e:
-        raise _Refused(_failure("broken_image", f"{type(e).__name__}: {e}")) from None
+    image = _read_header(data)
     width, height = image.size
     if width * height > max_pixels:
         image.close()
@@ -262,6 +338,59 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         geometry = {"original_width": width, "original_height": height}
         raise _Refused(_failure("decompression_bomb", message, **geometry))
     return image
+
+
+def _read_header(data: bytes) -> Image.Image:
+    """``data`` opened by the first reader of an accepted format that takes it.
+
+    The readers are called directly rather than through ``Image.open``: ``Image.open`` would try
+    every plugin Pillow has once the accepted ones decline (EPS hands its input to Ghostscript),
+    and applies its own pixel guard with the process-wide ``Image.MAX_IMAGE_PIXELS``, which
+    refuses images that ``max_pixels`` allows (setting it would change every thread's Pillow).
+    A reader is tried only when its signature check (``accept``) takes the first 16 bytes, as
+    ``Image.open`` does.
+    """
+    prefix, declined = data[:16], []
+    for fmt in _READERS:
+        if fmt not in Image.OPEN:  # e.g. Pillow built without WebP
+            continue
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept is None or accept(prefix)
+        if not accepted or isinstance(accepted, str):  # a str: the codec is not available
+            continue
+        try:
+            return factory(io.BytesIO(data), None)
+        except _NOT_THIS_FORMAT as e:  # signature matched, header did not
+            declined.append(f"{fmt} header: {type(e).__name__}: {e}")
+    raise _Refused(_unidentified(data, declined))
+
+
+def _unidentified(data: bytes, declined: list[str]) -> ImageResult:
+    """Why no accepted reader took ``data``: another image format, or no image at all."""
+    foreign = _foreign_format(data)
+    if foreign is not None:
+        accepted = ", ".join(f for f in FORMATS if f != "MPO")
+        message = f"{foreign} images are not accepted (accepted: {accepted})"
+        return _failure("unsupported_format", message)
+    readers = f" ({'; '.join(declined)})" if declined else ""
+    return _failure("not_an_image", f"not an image: {_sniff(data)}{readers}")
+
+
+def _foreign_format(data: bytes) -> str | None:
+    """The name of the image format ``data`` is in, among the refused ones, from its bytes."""
+    for signature, name in _FOREIGN_SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:1] == b"P" and data[1:2] in _NETPBM and data[2:3].isspace():  # P6\n...
+        return _NETPBM[data[1:2]]
+    if data[4:8] == b"ftyp" and data[8:12] in _ISO_MEDIA_BRANDS:  # ISO media: AVIF, HEIC
+        return _ISO_MEDIA_BRANDS[data[8:12]]
+    if data.endswith(b"TRUEVISION-XFILE.\x00"):
+        return "TGA"
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<svg", b"<?xml")) and b"<svg" in head:
+        return "SVG"
+    return None
 
 
 def _looks_complete(fmt: str | None, data: bytes) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -30,7 +29,6 @@ from vlmdata.pipeline.shards import (
     ShardFiles,
     ShardWriter,
     duplicate_fields,
-    unique_key,
 )
 from vlmdata.pipeline.stats import RunSummary
 from vlmdata.pipeline.upstream import (
@@ -113,16 +111,15 @@ def preprocess_shard(
     expected = expected_keys(shard.tar) if shard.tar is not None else None
     try:
         keys: list[str] = []
-        seen: Counter[str] = Counter()
         for sample in shard.samples():
-            key = unique_key(sample.key, seen)
-            keys.append(key)
-            if key in writer.records:  # done before an interruption
+            keys.append(sample.key)
+            if sample.key in writer.records:  # done before an interruption
                 progress.skip(1)
                 continue
-            if key != sample.key:  # a key repeated inside the input: the first is kept
-                record = {"key": key, "url": sample.meta.get("url"), "caption": sample.caption,
-                          **duplicate_fields(sample.key), "source": sample.source}  # fmt: skip
+            if sample.duplicate:  # a key repeated inside the input: the first is kept
+                record = {"key": sample.key, "url": sample.meta.get("url"),
+                          "caption": sample.caption, **duplicate_fields(),
+                          "source": sample.source}  # fmt: skip
                 writer.add(record)
                 progress.record(record["status"], record["error_kind"], 0)
                 continue
@@ -140,7 +137,7 @@ def preprocess_shard(
             else:
                 writer.add(record)
             progress.record(image.status, image.error_kind, record["bytes"] if image.ok else 0)
-        check_tar_complete(shard.tar, expected, set(seen))
+        check_tar_complete(shard.tar, expected, set(keys))
         # Downloads append samples as they finish: the parquet goes back to key order.
         writer.finish(sorted(keys), PREPROCESS_SCHEMA, time.monotonic() - started)
     except BaseException:

@@ -23,7 +23,6 @@ import shutil
 import tarfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,16 +153,9 @@ def stage_of(out: Path) -> str | None:
     return stage if isinstance(stage, str) else "unknown"
 
 
-def unique_key(key: str, seen: Counter[str]) -> str:
-    """``key`` the first time it is seen, ``KEY#n`` the n-th time: a repeated key still gets a
-    status row of its own, and keys stay unique within a stage output."""
-    seen[key] += 1
-    return key if seen[key] == 1 else f"{key}#{seen[key]}"
-
-
-def duplicate_fields(key: str) -> dict:
-    """The status columns of a repeated key's row."""
-    message = f"key {key} appears again in this input shard; the first one is kept"
+def duplicate_fields() -> dict:
+    """The status columns of a repeated key's row (its key is ``KEY#2``, ...)."""
+    message = "the key appears earlier in this input shard; the first sample is kept"
     return {"status": DUPLICATE, "error_kind": "duplicate_key", "error": message}
 
 
