@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,7 +31,9 @@ from vlmdata.pipeline.address_guard import (
 )
 
 # Failures worth another attempt: the same request may well succeed a little later.
-RETRYABLE_KINDS = frozenset({"timeout", "connection", "truncated", "http_429", "http_5xx"})
+RETRYABLE_KINDS = frozenset(
+    {"timeout", "connection", "dns_temporary", "truncated", "http_429", "http_5xx"}
+)
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 # X-Robots-Tag directives that carry a value after a colon (so the colon is no user agent).
 _VALUED_DIRECTIVES = frozenset(
@@ -330,9 +333,7 @@ def _retry_delay(policy: FetchPolicy, attempt: int, retry_after: float | None) -
 def _classify_client_error(error: aiohttp.ClientError) -> FetchFailure:
     message = str(error) or type(error).__name__
     if isinstance(error, aiohttp.ClientConnectorDNSError):
-        if isinstance(error.os_error, PrivateAddressError):
-            return FetchFailure("private_address", str(error.os_error))
-        return FetchFailure("dns", message)
+        return _classify_dns_error(error.os_error, message)
     if isinstance(error, aiohttp.ClientSSLError):
         return FetchFailure("tls", message)
     if isinstance(error, aiohttp.ClientPayloadError):
@@ -342,6 +343,20 @@ def _classify_client_error(error: aiohttp.ClientError) -> FetchFailure:
     if isinstance(error, aiohttp.ClientResponseError):
         return FetchFailure("bad_response", message, error.status or None)
     return FetchFailure("connection", message)
+
+
+def _classify_dns_error(error: OSError, message: str) -> FetchFailure:
+    """``dns`` when the name does not resolve, ``dns_temporary`` when no answer came.
+
+    getaddrinfo says EAI_AGAIN when the DNS servers failed to answer (a timeout, a SERVFAIL):
+    the same name may well resolve a moment later, so that one is retried. A name that does
+    not exist (EAI_NONAME, NXDOMAIN) will not exist on the next attempt either.
+    """
+    if isinstance(error, PrivateAddressError):
+        return FetchFailure("private_address", str(error))
+    if error.errno == socket.EAI_AGAIN:
+        return FetchFailure("dns_temporary", message)
+    return FetchFailure("dns", message)
 
 
 def _failed(result: FetchResult, failure: FetchFailure, started: float) -> FetchResult:
