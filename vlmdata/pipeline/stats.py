@@ -20,6 +20,8 @@ _HINTS = {
     "invalid_url": "check that --url-col names the URL column",
     "timeout": "raise --timeout or lower --concurrency",
     "dns": "check this machine's DNS and network",
+    "dns_temporary": "this machine's DNS servers are not answering: check them, or lower "
+    "--concurrency",
     "connection": "check this machine's network, or lower --concurrency",
     "http_429": "lower --per-host: servers are throttling",
     "opted_out": "the sources opt out of AI use (--ignore-noai overrides)",
