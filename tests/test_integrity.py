@@ -358,3 +358,16 @@ def test_arrived_bodies_wait_inside_the_concurrency_bound(server, tmp_path, monk
     monkeypatch.setattr(download_module, "check_and_write", check)
     download(src, tmp_path / "dl", concurrency=4, shard_size=24)
     assert 1 < most <= 4  # a SIGKILL loses at most --concurrency finished downloads
+
+
+def test_every_input_tar_gets_its_own_output_shard(tmp_path):
+    shards = tmp_path / "in"
+    shards.mkdir()
+    for name, keys in (("00000", "ab"), ("00002", "cd"), ("extra", "ef")):
+        write_tar(shards / f"{name}.tar", [(f"{k}.jpg", make_image(30, 30)) for k in keys])
+    out = tmp_path / "sq"
+    summary = preprocess(shards, out, processes=2)
+    assert summary.totals["rows"] == 6
+    assert sorted(r["key"] for r in rows_of(out)) == list("abcdef")
+    mapping = json.loads((out / "plan.json").read_text())["input"]
+    assert sorted(entry[1] for entry in mapping["tars"]) == ["00000", "00002", "00003"]
