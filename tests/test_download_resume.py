@@ -104,8 +104,58 @@ def test_sigkill_at_any_moment_then_resume(server, corpus, tmp_path, processes):
     assert finished.returncode == 0, finished.stderr
     assert_complete(out, N_URLS)
     assert all(r["status"] == "success" for r in read_rows(out))
-    # Only what was in flight at each kill (requests, fetched-but-unwritten rows) is fetched again.
-    assert server.total_hits("/img/") <= N_URLS + kills * 2 * CONCURRENCY
+    # Only what was in flight at each kill (requests, fetched-but-unwritten rows) is fetched
+    # again: at most --concurrency rows per kill.
+    assert server.total_hits("/img/") <= N_URLS + kills * CONCURRENCY
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has stopped; it only waits to be reaped
+
+
+@pytest.mark.parametrize("resize", [False, True])
+def test_killing_the_parent_alone_stops_its_workers(server, corpus, tmp_path, resize):
+    server.delay_s = 0.02
+    out = tmp_path / "out"
+    extra = ("--resize", "32") if resize else ()
+    process = subprocess.Popen(cli_args(corpus, out, *extra, processes=2), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while server.total_hits("/img/") < 60:
+            assert time.monotonic() < deadline and process.poll() is None, "no progress"
+            time.sleep(0.005)
+        workers = children_of(process.pid)
+        assert workers, "the download runs no worker processes"
+        os.kill(process.pid, signal.SIGKILL)  # the parent alone, not its process group
+        process.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived their parent"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if alive(process.pid) else None
+    finished = subprocess.run(cli_args(corpus, out, *extra, processes=2), capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert_complete(out, N_URLS)
 
 
 def test_torn_tar_and_journal_are_recovered_without_refetching(server, corpus, tmp_path):

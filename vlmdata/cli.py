@@ -149,13 +149,18 @@ def _explain_failure(error: BaseException) -> tuple[int, str]:
 
 
 def _find(error: BaseException, kind: type[E]) -> E | None:
-    """``error`` itself or the first ``kind`` inside it (task groups wrap what they raise)."""
+    """``error`` itself or the first ``kind`` inside it (task groups and worker processes wrap
+    what they raise)."""
     if isinstance(error, kind):
         return error
     if isinstance(error, BaseExceptionGroup):
         for inner in error.exceptions:
             if (found := _find(inner, kind)) is not None:
                 return found
+    from vlmdata.pipeline.distributor import WorkerError  # only on the way out: no cost
+
+    if isinstance(error, WorkerError) and error.__cause__ is not None:
+        return _find(error.__cause__, kind)  # what a worker process raised
     return None
 
 

@@ -26,7 +26,7 @@ from vlmdata.encode.models import LoadedClip, load_clip, resolve_device
 from vlmdata.encode.placeholders import builtin_placeholders, load_references
 from vlmdata.encode.store import FeatureShardWriter
 from vlmdata.errors import MachineFailure, require_at_least, require_finite
-from vlmdata.pipeline.distributor import Progress
+from vlmdata.pipeline.distributor import Progress, die_with_parent
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, make_square
 from vlmdata.pipeline.runner import Stage, output_path, run_stage
@@ -199,7 +199,8 @@ def _collate(items: list[dict]) -> dict:
     }
 
 
-def _one_thread(worker_id: int) -> None:
+def _decoding_worker(worker_id: int) -> None:
+    die_with_parent()  # a killed encode must not leave its decoders running
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
 
 
@@ -220,7 +221,7 @@ class _ShardEncoder:
         loader = DataLoader(
             _SquaredImages(shard, self.options, config.max_pixels, clip.mean, clip.std),
             batch_size=config.batch_size, num_workers=config.workers, collate_fn=_collate,
-            worker_init_fn=_one_thread, pin_memory=clip.device == "cuda",
+            worker_init_fn=_decoding_worker, pin_memory=clip.device == "cuda",
             prefetch_factor=4 if config.workers else None,
         )  # fmt: skip
         writer = FeatureShardWriter(

@@ -25,7 +25,7 @@ import pyarrow as pa
 from aiohttp.abc import AbstractResolver
 
 from vlmdata.errors import require_at_least, require_finite
-from vlmdata.pipeline.distributor import Progress
+from vlmdata.pipeline.distributor import Progress, die_with_parent
 from vlmdata.pipeline.fetch import (
     RETRYABLE_KINDS,
     FetchPolicy,
@@ -289,7 +289,9 @@ class ImagePool:
     @staticmethod
     def _start(workers: int) -> ProcessPoolExecutor:
         # spawn: forking a process that runs an event loop and threads is unsafe.
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent
+        )
 
     async def run(self, fn: Callable[..., ImageResult], *args: object) -> ImageResult:
         loop = asyncio.get_running_loop()
