@@ -130,6 +130,15 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped; it only waits to be reaped
 
 
+def wait_until_gone(pids: list[int]) -> None:
+    """Every process of ``pids`` stops within a few seconds (multiprocessing's resource
+    tracker, a child too, takes a moment to notice its parent is gone)."""
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "processes outlived their parent"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("resize", [False, True])
 def test_killing_the_parent_alone_stops_its_workers(server, corpus, tmp_path, resize):
     server.delay_s = 0.02
@@ -146,10 +155,7 @@ def test_killing_the_parent_alone_stops_its_workers(server, corpus, tmp_path, re
         assert workers, "the download runs no worker processes"
         os.kill(process.pid, signal.SIGKILL)  # the parent alone, not its process group
         process.wait(10)
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in workers):
-            assert time.monotonic() < deadline, "workers outlived their parent"
-            time.sleep(0.05)
+        wait_until_gone(workers)
     finally:
         os.killpg(process.pid, signal.SIGKILL) if alive(process.pid) else None
     finished = subprocess.run(cli_args(corpus, out, *extra, processes=2), capture_output=True,
@@ -238,3 +244,34 @@ def test_retry_failed_reattempts_only_retryable_failures(server, tmp_path):
 def tar_names_of(path: Path) -> list[str]:
     with tarfile.open(path) as tar:
         return tar.getnames()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_is_one_line_and_resumable(server, corpus, tmp_path, signum):
+    server.delay_s = 0.02
+    out = tmp_path / "out"
+    process = subprocess.Popen(cli_args(corpus, out, "--resize", "32", processes=2),
+                               start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while server.total_hits("/img/") < 60:
+            assert time.monotonic() < deadline and process.poll() is None, "no progress"
+            time.sleep(0.005)
+        workers = children_of(process.pid)
+        # Ctrl-C reaches the whole foreground group; SIGTERM (a scheduler) the parent alone.
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            os.kill(process.pid, signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == ["interrupted: rerun the same command to resume"]
+    wait_until_gone(workers)
+    finished = subprocess.run(cli_args(corpus, out, "--resize", "32", processes=2),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert_complete(out, N_URLS)
