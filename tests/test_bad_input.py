@@ -135,3 +135,18 @@ def test_a_damaged_shard_marker_is_redone(tmp_path):
     (out / "00000.stats.json").write_text("[]")
     result = vlmdata("download", str(src), str(out))
     assert result.returncode == 0 and "1 rows in 1 shards" in result.stdout, result.stderr
+
+
+def test_a_non_utf8_file_name_is_data_for_preprocess_and_encode(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "plain.jpg").write_bytes(make_image(40, 40))
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as f:
+        f.write(make_image(40, 40, seed=1))
+    for args in (["preprocess", str(folder), str(tmp_path / "sq"), "--size", "32"],
+                 ["encode", str(folder), str(tmp_path / "feat"), "--model", "tiny-random-clip",
+                  "--no-placeholder-filter", "--workers", "0"]):  # fmt: skip
+        result = vlmdata(*args)
+        assert result.returncode == 0, result.stderr
+        assert "2 rows in 1 shards" in result.stdout
+        assert "success                       2" in result.stdout
