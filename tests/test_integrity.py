@@ -113,7 +113,8 @@ def test_preprocess_and_encode_redo_a_deleted_shard(downloaded, tmp_path):
     assert not summary.nothing_to_do and summary.rows_this_run == SHARD
     (features / "00002.h5").unlink()
     summary = encode(squares, features)
-    assert not summary.nothing_to_do and summary.rows_this_run == SHARD
+    # 00002 lost its .h5; 00001 was made from a square shard that has been rebuilt since.
+    assert not summary.nothing_to_do and summary.rows_this_run == 2 * SHARD
     with h5py.File(features / "00002.h5") as f:
         assert len(f["keys"]) == SHARD
     manifest = json.loads((features / "manifest.json").read_text())
@@ -371,3 +372,29 @@ def test_every_input_tar_gets_its_own_output_shard(tmp_path):
     assert sorted(r["key"] for r in rows_of(out)) == list("abcdef")
     mapping = json.loads((out / "plan.json").read_text())["input"]
     assert sorted(entry[1] for entry in mapping["tars"]) == ["00000", "00002", "00003"]
+
+
+def test_an_upstream_shard_lost_after_it_finished_makes_it_unfinished(downloaded, tmp_path):
+    for suffix in (".tar", ".parquet", ".stats.json"):
+        (downloaded / f"00001{suffix}").unlink()
+    (downloaded / "99999.tar").write_bytes(b"a stray tar is no shard of the run")
+    with pytest.raises(UserError, match="unfinished download"):
+        preprocess(downloaded, tmp_path / "sq")
+    summary = preprocess(downloaded, tmp_path / "sq", allow_incomplete=True)
+    assert summary.totals["rows"] == 2 * SHARD and summary.partial_input
+
+
+def test_rows_recovered_upstream_by_retry_failed_reach_downstream(server, tmp_path):
+    src = url_list(server, tmp_path)
+    server.fail_with["5.jpg"] = 503
+    dl, squares, features = tmp_path / "dl", tmp_path / "sq", tmp_path / "feat"
+    download(src, dl)
+    preprocess(dl, squares)
+    encode(squares, features)
+    server.fail_with.clear()
+    download(src, dl, retry_failed=True)
+    summary = preprocess(dl, squares)
+    assert summary.rows_this_run == SHARD  # only the shard the retry rewrote
+    assert summary.totals["status"] == {"success": N}
+    assert encode(squares, features).totals["status"] == {"success": N}
+    assert encode(squares, features).nothing_to_do

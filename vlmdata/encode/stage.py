@@ -41,7 +41,12 @@ from vlmdata.pipeline.shards import (
     write_parquet_atomic,
 )
 from vlmdata.pipeline.stats import RunSummary
-from vlmdata.pipeline.upstream import check_tar_complete, expected_keys, open_image_input
+from vlmdata.pipeline.upstream import (
+    check_tar_complete,
+    expected_keys,
+    input_marker,
+    open_image_input,
+)
 
 PLACEHOLDER = "placeholder"
 # For real CLIP weights: re-encodings of one image score above ~0.95, unrelated images well
@@ -114,6 +119,7 @@ def run_encode(config: EncodeConfig) -> RunSummary:
         total_rows=expected_samples(images.shards),
         quiet=config.quiet,
         partial_input=images.partial,
+        input_markers={shard.name: input_marker(shard) for shard in images.shards},
         before_complete=lambda out, names: _write_manifest(out, names, attrs),
     )
 
@@ -229,6 +235,7 @@ class _ShardEncoder:
         )
         records: list[dict] = []
         expected = expected_keys(shard.tar) if shard.tar is not None else None
+        marker = input_marker(shard)  # before reading: a rewrite meanwhile makes it stale
         try:
             for batch in _batches(loader, shard):
                 for item in batch["failed"]:
@@ -243,7 +250,8 @@ class _ShardEncoder:
             raise
         records.sort(key=lambda r: r["key"])
         write_parquet_atomic(files.parquet, pa.Table.from_pylist(records, schema=ENCODE_SCHEMA))
-        atomic_write_json(files.stats, shard_stats(shard.name, records, time.monotonic() - started))
+        stats = shard_stats(shard.name, records, time.monotonic() - started, marker)
+        atomic_write_json(files.stats, stats)
 
     def _encode_batch(
         self, batch: dict, writer: FeatureShardWriter, progress: Progress

@@ -151,11 +151,14 @@ def expected_samples(shards: list[ImageShard]) -> int | None:
             continue
         vlmdata_stats = shard.tar.with_name(f"{shard.tar.stem}.stats.json")
         img2dataset_stats = shard.tar.with_name(f"{shard.tar.stem}_stats.json")
-        if vlmdata_stats.exists():
-            total += json.loads(vlmdata_stats.read_text())["status"].get("success", 0)
-        elif img2dataset_stats.exists():
-            total += json.loads(img2dataset_stats.read_text())["successes"]
-        else:
+        try:  # only a progress bar's total: a damaged stats file just leaves it unknown
+            if vlmdata_stats.exists():
+                total += int(json.loads(vlmdata_stats.read_bytes())["status"].get("success", 0))
+            elif img2dataset_stats.exists():
+                total += int(json.loads(img2dataset_stats.read_bytes())["successes"])
+            else:
+                return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
     return total
 

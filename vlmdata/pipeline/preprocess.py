@@ -35,6 +35,7 @@ from vlmdata.pipeline.upstream import (
     ImageInput,
     check_tar_complete,
     expected_keys,
+    input_marker,
     open_image_input,
 )
 
@@ -89,6 +90,7 @@ def run_preprocess(config: PreprocessConfig) -> RunSummary:
         processes=min(config.processes, len(images.shards)),
         quiet=config.quiet,
         partial_input=images.partial,
+        input_markers={shard.name: input_marker(shard) for shard in images.shards},
     )
     return run_stage(
         stage, lambda stage: images.shards, partial(preprocess_shards, config, str(out))
@@ -109,6 +111,7 @@ def preprocess_shard(
     started = time.monotonic()
     writer = ShardWriter(ShardFiles(out, shard.name))
     expected = expected_keys(shard.tar) if shard.tar is not None else None
+    marker = input_marker(shard)  # before reading: a rewrite meanwhile makes it stale
     try:
         keys: list[str] = []
         for sample in shard.samples():
@@ -139,7 +142,9 @@ def preprocess_shard(
             progress.record(image.status, image.error_kind, record["bytes"] if image.ok else 0)
         check_tar_complete(shard.tar, expected, set(keys))
         # Downloads append samples as they finish: the parquet goes back to key order.
-        writer.finish(sorted(keys), PREPROCESS_SCHEMA, time.monotonic() - started)
+        writer.finish(
+            sorted(keys), PREPROCESS_SCHEMA, time.monotonic() - started, input_marker=marker
+        )
     except BaseException:
         writer.close()
         raise

@@ -1,8 +1,8 @@
 """The one stage runner: every stage (download, preprocess, encode, ...) runs through
 :func:`run_stage`, so what makes a run trustworthy is written once.
 
-The skeleton: refuse an output that is, holds or sits inside the input; lock the output; refuse
-a directory that is not this stage's own (another tool's files, another stage, a lost plan);
+The skeleton: refuse an output that is, holds or sits inside the input; refuse a directory that
+is not this stage's own (another tool's files, another stage, a lost plan); lock the output;
 compare the plan; say "nothing to do" only when every planned shard is really there; run the
 unfinished shards with a progress bar; total exactly the planned shards, write whatever the
 stage adds (a manifest), and only then mark the run complete.
@@ -23,8 +23,8 @@ from vlmdata.pipeline.shards import (
     ShardFiles,
     atomic_write_json,
     check_plan,
+    complete_shard_stats,
     exclusive_output,
-    is_shard_complete,
     read_state_json,
     stage_of,
 )
@@ -55,13 +55,23 @@ class Stage:
     reopen: Callable[[Stage], int] | None = None
     # Written after the shards and before the completion marker (encode's manifest).
     before_complete: Callable[[Path, list[str]], None] | None = None
+    # The current state of the input shard behind each output shard (upstream.input_marker): a
+    # shard made from an older state (before a --retry-failed upstream) is redone.
+    input_markers: dict[str, str | None] | None = None
 
     def shard_files(self, name: str) -> ShardFiles:
         return ShardFiles(self.output_dir, name)
 
+    def complete_stats(self, name: str) -> dict | None:
+        """The stats of shard ``name`` when it is done, else None. Done: a whole stats marker,
+        every data file present, no retry pending, made from the input shard as it is now."""
+        stats = complete_shard_stats(self.shard_files(name), self.data_files)
+        if stats is None or self.input_markers is None:
+            return stats
+        return stats if stats.get("input") == self.input_markers.get(name) else None
+
     def is_complete(self, name: str) -> bool:
-        """Shard ``name`` is done: its stats marker and every data file are present."""
-        return is_shard_complete(self.shard_files(name), self.data_files)
+        return self.complete_stats(name) is not None
 
 
 def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) -> RunSummary:
@@ -179,13 +189,29 @@ def _unfinished(
     for shard in shards:
         planned.append(shard.name)
         files = stage.shard_files(shard.name)
-        if stage.is_complete(shard.name):
-            progress.skip(read_state_json(files.stats)["rows"])
+        if (stats := stage.complete_stats(shard.name)) is not None:
+            progress.skip(stats["rows"])
+            files.journal.unlink(missing_ok=True)  # left by a kill just after the marker
             continue
-        if not all(files.data(suffix).exists() for suffix in stage.data_files):
-            # A marker whose data files are gone vouches for nothing: drop it before redoing.
-            files.stats.unlink(missing_ok=True)
+        _discard_stale(stage, files)
         yield shard
+
+
+def _discard_stale(stage: Stage, files: ShardFiles) -> None:
+    """Before an unfinished shard is redone, drop what would be trusted wrongly: a marker whose
+    data files are gone (or that an input rewritten since invalidates) and the pending retry
+    of a shard whose tar is gone. Appended work in progress is kept: it resumes."""
+    # A marker there, yet not complete: made from an older state of the input, or damaged.
+    stale_input = stage.input_markers is not None and files.stats.exists()
+    missing = not all(files.data(suffix).exists() for suffix in stage.data_files)
+    if stale_input or missing:
+        files.stats.unlink(missing_ok=True)  # the marker first: it vouches for the rest
+    if stale_input:
+        for suffix in stage.data_files:
+            files.data(suffix).unlink(missing_ok=True)
+    if missing or stale_input:
+        files.retry_journal.unlink(missing_ok=True)
+        files.retry_tar.unlink(missing_ok=True)
 
 
 def _mark_incomplete(out: Path) -> None:

@@ -122,11 +122,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def read_state_json(path: Path, missing_ok: bool = False) -> dict | None:
     """A state file written by a stage (plan, stats): a JSON object, or one clear UserError."""
     try:
@@ -185,15 +180,19 @@ class ShardFiles:
         return self.tar.with_name(f"{self.name}{suffix}")
 
 
-def is_shard_complete(files: ShardFiles, data_files: tuple[str, ...]) -> bool:
-    """The shard's marker is a whole stats file, its data files exist, no retry is pending."""
+IMAGE_SHARD_FILES = (".tar", ".parquet")  # the data files of an image stage's shard
+
+
+def complete_shard_stats(files: ShardFiles, data_files: tuple[str, ...]) -> dict | None:
+    """The shard's stats when it is complete: its marker is a whole stats file, its data files
+    exist and no retry is pending. None otherwise."""
     if files.retry_journal.exists() or not all(files.data(s).exists() for s in data_files):
-        return False
+        return None
     try:
         stats = read_state_json(files.stats, missing_ok=True)
     except UserError:
-        return False  # a damaged marker marks nothing: the shard is redone
-    return stats is not None and isinstance(stats.get("rows"), int)
+        return None  # a damaged marker marks nothing: the shard is redone
+    return stats if stats is not None and isinstance(stats.get("rows"), int) else None
 
 
 @contextmanager
@@ -318,12 +317,13 @@ class ShardWriter:
 
     def finish(
         self, keys: Iterable[str], schema: pa.Schema, duration_s: float,
-        inputs: list[dict] | None = None,
+        inputs: list[dict] | None = None, input_marker: str | None = None,
     ) -> dict:  # fmt: skip
         """Write the final tar, parquet (rows in ``keys`` order) and stats; return the stats.
 
         ``inputs`` (aligned with ``keys``) are the input rows: their values win over the
         recorded ones, so kept columns keep their own types (KEY.json holds text forms).
+        ``input_marker`` records which state of the input shard this one was made from.
         """
         _append_whole(self._tar, b"\0" * (2 * _BLOCK))  # end-of-archive marker
         os.fsync(self._tar.fileno())
@@ -337,7 +337,7 @@ class ShardWriter:
         # The tar first: at every moment the parquet's successes are in the tar beside it.
         os.replace(self.partial, self.files.tar)
         write_parquet_atomic(self.files.parquet, table)
-        stats = shard_stats(self.files.name, rows, duration_s)
+        stats = shard_stats(self.files.name, rows, duration_s, input_marker)
         atomic_write_json(self.files.stats, stats)
         self.journal.unlink(missing_ok=True)  # for a retry: the end of the swap
         fsync_dir(self.files.stats.parent)
@@ -446,8 +446,11 @@ def reopen_for_retry(files: ShardFiles, retry: set[str]) -> int:
     return len(again)
 
 
-def shard_stats(name: str, rows: list[dict], duration_s: float) -> dict:
-    """Counts by status and error kind for one shard (what ``NNNNN.stats.json`` holds)."""
+def shard_stats(
+    name: str, rows: list[dict], duration_s: float, input_marker: str | None = None
+) -> dict:
+    """Counts by status and error kind for one shard (what ``NNNNN.stats.json`` holds), and
+    the state of the input shard it was made from, when that is a vlmdata shard."""
     status: dict[str, int] = {}
     errors: dict[str, int] = {}
     for row in rows:
@@ -472,6 +475,8 @@ def shard_stats(name: str, rows: list[dict], duration_s: float) -> dict:
             if row["placeholder_similarity"] is not None:
                 similarity[_bin(row["placeholder_similarity"], SIMILARITY_BINS)] += 1
         stats["placeholder_similarity_histogram"] = similarity
+    if input_marker is not None:
+        stats["input"] = input_marker
     stats["duration_s"] = round(duration_s, 3)
     stats["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return stats

@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 from vlmdata.errors import UserError
 from vlmdata.pipeline.image_sources import ImageShard, find_image_shards, fingerprint
 from vlmdata.pipeline.shards import (
+    IMAGE_SHARD_FILES,
     PLAN,
     SUCCESS,
     ShardFiles,
-    is_shard_complete,
+    complete_shard_stats,
     read_state_json,
 )
 
@@ -33,7 +34,7 @@ class Upstream:
     """A vlmdata stage output used as input."""
 
     stage: str
-    complete: bool
+    complete: bool  # its run finished and every shard it names is whole
     done: frozenset[str]  # names of the shards it has finished
     plan_sha256: str  # identifies the run: stable while it adds shards
 
@@ -50,18 +51,33 @@ def read_upstream(input_dir: Path) -> Upstream | None:
     done = frozenset(
         name
         for path in input_dir.glob("*.stats.json")
-        if is_shard_complete(
-            ShardFiles(input_dir, name := path.name.removesuffix(".stats.json")),
-            (".tar", ".parquet"),
+        if complete_shard_stats(
+            ShardFiles(input_dir, name := path.name.removesuffix(".stats.json")), IMAGE_SHARD_FILES
         )
     )
+    names = root.get("shard_names")
+    # Complete means whole: a shard deleted or damaged since the run finished makes it not.
+    complete = bool(root.get("complete")) and isinstance(names, list) and done >= set(names)
     canonical = json.dumps(plan, sort_keys=True).encode()
     return Upstream(
         stage=str(plan.get("stage", "unknown")),
-        complete=bool(root.get("complete")),
+        complete=complete,
         done=done,
         plan_sha256=hashlib.sha256(canonical).hexdigest(),
     )
+
+
+def input_marker(shard: ImageShard) -> str | None:
+    """What identifies the current state of a vlmdata input shard: a digest of its stats
+    marker, which changes whenever the shard is rewritten (``--retry-failed``). A downstream
+    shard made from an older state is redone. None for inputs that are not vlmdata shards."""
+    if shard.tar is None:
+        return None
+    stats = shard.tar.with_name(f"{shard.tar.stem}.stats.json")
+    try:
+        return hashlib.sha256(stats.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def refuse_incomplete(input_dir: Path, upstream: Upstream, allow_incomplete: bool) -> None:
@@ -127,8 +143,8 @@ def open_image_input(input_dir: Path, shard_size: int, allow_incomplete: bool) -
     if upstream is None:
         return ImageInput(shards, fingerprint(shards), partial=False)
     refuse_incomplete(input_dir, upstream, allow_incomplete)
-    if not upstream.complete:
-        shards = [s for s in shards if s.tar is not None and s.tar.stem in upstream.done]
-        if not shards:
-            raise UserError(f"{input_dir} has no finished shard yet; rerun once one is done")
+    # Only the shards the upstream finished: a stray or half-written tar is not one of them.
+    shards = [s for s in shards if s.tar is not None and s.tar.stem in upstream.done]
+    if not shards:
+        raise UserError(f"{input_dir} has no finished shard yet; rerun once one is done")
     return ImageInput(shards, upstream.fingerprint(), partial=not upstream.complete)
