@@ -150,3 +150,25 @@ def test_a_non_utf8_file_name_is_data_for_preprocess_and_encode(tmp_path):
         assert result.returncode == 0, result.stderr
         assert "2 rows in 1 shards" in result.stdout
         assert "success                       2" in result.stdout
+
+
+def jpeg_with_odd_exif(seed: int) -> bytes:
+    """A valid JPEG whose EXIF points past its end: Pillow warns "Tag data larger than file"."""
+    import struct
+
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x010F, 2, 400, 5000) + b"\0\0\0\0"
+    payload = b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd
+    data = make_image(40, 30, seed=seed)
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_decoder_warnings_about_bad_files_stay_quiet(tmp_path, processes):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(jpeg_with_odd_exif(i))
+    result = vlmdata("preprocess", str(folder), str(tmp_path / "sq"), "--size", "16",
+                     "--shard-size", "2", "--processes", processes)  # fmt: skip
+    assert result.returncode == 0 and "success                       4" in result.stdout
+    assert result.stderr == ""

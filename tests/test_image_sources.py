@@ -234,3 +234,13 @@ def test_a_json_member_that_is_not_an_object_gives_empty_meta(tmp_path, meta):
     tar = write_tar(tmp_path / "in" / "00000.tar", [("0001.jpg", JPEG), ("0001.json", meta)])
     (sample,) = samples_of(tar)
     assert sample.meta == {}
+
+
+def test_a_renamed_repeat_never_takes_a_real_key(tmp_path):
+    tar = write_tar(
+        tmp_path / "in" / "00000.tar",
+        [("a.jpg", b"1"), ("a#2.jpg", b"2"), ("a.jpg", b"3"), ("a.jpg", b"4")],
+    )
+    got = [(s.key, s.image, s.duplicate) for s in samples_of(tar)]
+    assert got == [("a", b"1", False), ("a#2", b"2", False), ("a#3", b"3", True),
+                   ("a#4", b"4", True)]  # fmt: skip

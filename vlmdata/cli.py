@@ -98,11 +98,11 @@ def run_command(stage: Callable[[], object]) -> None:
     """
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        from vlmdata.pipeline.imageops import ignore_decoder_warnings
+
         with warnings.catch_warnings():  # restores the filters and showwarning afterwards
             warnings.showwarning = _show_warning
-            # Pillow warns about the bad files it reads (truncated EXIF, odd tags): that is
-            # data, and every image gets its status row; one line per file would flood stderr.
-            warnings.filterwarnings("ignore", module=r"PIL\.")
+            ignore_decoder_warnings()
             summary = stage()
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)

@@ -34,7 +34,14 @@ from vlmdata.pipeline.fetch import (
     fetch_with_deadline,
     open_session,
 )
-from vlmdata.pipeline.imageops import ImageResult, SquareOptions, inspect_image, square_image
+from vlmdata.pipeline.imageops import (
+    ImageResult,
+    SquareOptions,
+    decoder_warnings_ignored,
+    ignore_decoder_warnings,
+    inspect_image,
+    square_image,
+)
 from vlmdata.pipeline.runner import Stage, output_path, run_stage
 from vlmdata.pipeline.shards import (
     FAILED_TO_DECODE,
@@ -157,7 +164,8 @@ def download_shards(
     progress: Progress,
 ) -> None:
     """One process's share of the run: download ``shards`` on an event loop of its own."""
-    asyncio.run(ShardDownloader(config, Path(out_dir), resolver, progress).run(shards))
+    with decoder_warnings_ignored():
+        asyncio.run(ShardDownloader(config, Path(out_dir), resolver, progress).run(shards))
 
 
 class ShardDownloader:
@@ -290,7 +298,7 @@ class ImagePool:
     def _start(workers: int) -> ProcessPoolExecutor:
         # spawn: forking a process that runs an event loop and threads is unsafe.
         return ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_image_worker
         )
 
     async def run(self, fn: Callable[..., ImageResult], *args: object) -> ImageResult:
@@ -318,6 +326,12 @@ class ImagePool:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _image_worker() -> None:
+    """Set up a resize worker process: it dies with its parent, quiet about bad files."""
+    die_with_parent()
+    ignore_decoder_warnings()
 
 
 def check_and_write(

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import tarfile
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +173,7 @@ class _Group:
 
 def _tar_samples(path: Path) -> Iterator[Sample]:
     """A webdataset tar's samples: consecutive members grouped by key, repeats flagged."""
-    yielded: Counter[str] = Counter()  # keys of this shard so far: grows with keys, not images
+    yielded: set[str] = set()  # keys of this shard so far: grows with keys, not images
     group: _Group | None = None
     try:
         with tarfile.open(path, "r|") as tar:  # streaming: one member in memory at a time
@@ -218,17 +217,19 @@ def _member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
     return _text("/".join([*parts[:-1], stem])), extension.lower()
 
 
-def _sample(group: _Group, path: Path, yielded: Counter[str]) -> Iterator[Sample]:
+def _sample(group: _Group, path: Path, yielded: set[str]) -> Iterator[Sample]:
     """The sample of ``group``, if it has an image."""
     extension = next((ext for ext in group.data if ext in IMAGE_EXTENSIONS), None)
     if extension is None:
         return
-    yielded[group.key] += 1
-    repeat = yielded[group.key]
+    key, repeat = group.key, 1
+    while key in yielded:  # a repeat: the first next free KEY#n (a real "a#2" may exist)
+        repeat += 1
+        key = f"{group.key}#{repeat}"
+    yielded.add(key)
     caption = group.data["txt"].decode("utf-8", "replace") if "txt" in group.data else None
     source = _text(f"{path.name}:{group.key}.{extension}")
     meta = _meta(group.data.get("json"))
-    key = group.key if repeat == 1 else f"{group.key}#{repeat}"
     yield Sample(key, group.data[extension], caption, meta, source, duplicate=repeat > 1)
 
 

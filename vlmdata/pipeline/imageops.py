@@ -19,6 +19,9 @@ import hashlib
 import io
 import math
 import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 # The readers of the accepted formats: importing them registers them with Pillow.
@@ -420,3 +423,18 @@ def parse_fill(text: str) -> tuple[int, int, int]:
     except ValueError:
         raise UserError(f"--fill takes R,G,B like 0,0,0 or 255,255,255, got {text!r}") from None
     return (red, green, blue)
+
+
+def ignore_decoder_warnings() -> None:
+    """Pillow warns about the bad files it reads (truncated EXIF, odd tags): that is data, and
+    every image gets its status row; one line per file would flood stderr. Process-wide: call
+    it in a worker process of our own, or through :func:`decoder_warnings_ignored`."""
+    warnings.filterwarnings("ignore", module=r"PIL\.")
+
+
+@contextmanager
+def decoder_warnings_ignored() -> Iterator[None]:
+    """:func:`ignore_decoder_warnings` for the duration of a block (filters restored after)."""
+    with warnings.catch_warnings():
+        ignore_decoder_warnings()
+        yield

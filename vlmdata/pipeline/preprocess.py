@@ -22,7 +22,7 @@ import pyarrow as pa
 from vlmdata.errors import require_at_least
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
-from vlmdata.pipeline.imageops import SquareOptions, square_image
+from vlmdata.pipeline.imageops import SquareOptions, decoder_warnings_ignored, square_image
 from vlmdata.pipeline.runner import Stage, output_path, run_stage
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
@@ -101,8 +101,9 @@ def preprocess_shards(
     config: PreprocessConfig, out_dir: str, shards: Iterator[ImageShard], progress: Progress
 ) -> None:
     """One process's share of the run: square every sample of ``shards``."""
-    for shard in shards:
-        preprocess_shard(config, Path(out_dir), shard, progress)
+    with decoder_warnings_ignored():
+        for shard in shards:
+            preprocess_shard(config, Path(out_dir), shard, progress)
 
 
 def preprocess_shard(
