@@ -126,6 +126,8 @@ def test_damaged_state_files_are_one_line_naming_the_file(tmp_path, name, conten
     result = vlmdata("download", str(src), str(out))
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and f"{out / name} is damaged" in result.stderr
+    if name == "plan.json":  # deleting it would make the directory foreign: say what works
+        assert "restore it, or start over in an empty directory" in result.stderr
 
 
 def test_a_damaged_shard_marker_is_redone(tmp_path):

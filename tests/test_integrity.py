@@ -398,3 +398,22 @@ def test_rows_recovered_upstream_by_retry_failed_reach_downstream(server, tmp_pa
     assert summary.totals["status"] == {"success": N}
     assert encode(squares, features).totals["status"] == {"success": N}
     assert encode(squares, features).nothing_to_do
+
+
+def test_inspect_agrees_with_the_runner_on_what_is_done(downloaded):
+    from vlmdata.describe import describe
+
+    (downloaded / "00001.tar").unlink()
+    text = describe(str(downloaded))
+    assert "2 shards done" in text
+    assert "00001.stats.json: marks a shard whose 00001.tar is gone" in text
+
+
+def test_retry_failed_over_a_damaged_parquet_is_one_line(server, tmp_path):
+    src = url_list(server, tmp_path)
+    server.fail_with["1.jpg"] = 503
+    out = tmp_path / "dl"
+    download(src, out)
+    (out / "00000.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match=r"00000.parquet is damaged .* rerun to redo it"):
+        download(src, out, retry_failed=True)

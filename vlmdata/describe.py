@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmdata.errors import UserError
+from vlmdata.pipeline.shards import IMAGE_SHARD_FILES, STAGE_DATA_FILES
 
 MAX_PROBLEM_LINES = 50  # beyond this, one line counts the rest
 _SHARD_DATA = re.compile(r"^\d+\.(h5|parquet|tar)$")  # NNNNN.h5, not .00001.h5.tmp or x.tar
@@ -68,7 +69,7 @@ def _directory(path: Path) -> str:
     problems: list[str] = []
     plan = _checked_json(plan_path, {}, problems)
     stage = plan.get("stage", "?") if plan else "?"
-    done = _done_shards(path, problems)
+    done = _done_shards(path, _data_files(path, stage), problems)
     pending = {p.name.split(".")[0] for p in path.glob("*.partial")} | {
         p.name.split(".")[0] for p in path.glob("*.journal.jsonl")
     }
@@ -118,11 +119,28 @@ def _manifest_lines(path: Path, stage: str, stats: dict | None, problems: list[s
     ]
 
 
-def _done_shards(path: Path, problems: list[str]) -> list[Path]:
-    """The shards' stats markers that are whole; a damaged one marks nothing and is reported."""
+def _data_files(path: Path, stage: str) -> tuple[str, ...]:
+    """What a done shard holds; with the plan unreadable, guessed from the files there."""
+    if stage in STAGE_DATA_FILES:
+        return STAGE_DATA_FILES[stage]
+    return STAGE_DATA_FILES["encode"] if any(path.glob("*.h5")) else IMAGE_SHARD_FILES
+
+
+def _done_shards(path: Path, data_files: tuple[str, ...], problems: list[str]) -> list[Path]:
+    """The shards the runner takes as done: a whole stats marker and its data files. A damaged
+    marker, or one whose data files are gone, marks nothing (the shard is redone) and is
+    reported."""
     done = []
     for marker in sorted(path.glob("*.stats.json")):
-        if _checked_json(marker, _SHARD_STATS_FIELDS, problems) is not None:
+        if _checked_json(marker, _SHARD_STATS_FIELDS, problems) is None:
+            continue
+        name = marker.name.removesuffix(".stats.json")
+        missing = [f"{name}{suffix}" for suffix in data_files
+                   if not (path / f"{name}{suffix}").exists()]  # fmt: skip
+        if missing:
+            problems.append(f"{marker.name}: marks a shard whose {', '.join(missing)} is gone "
+                            "(a rerun redoes it)")  # fmt: skip
+        else:
             done.append(marker)
     return done
 

@@ -32,6 +32,7 @@ from vlmdata.pipeline.imageops import SquareOptions, make_square
 from vlmdata.pipeline.runner import Stage, output_path, run_stage
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
+    STAGE_DATA_FILES,
     SUCCESS,
     ShardFiles,
     atomic_write_json,
@@ -113,7 +114,7 @@ def run_encode(config: EncodeConfig) -> RunSummary:
         output_dir=out,
         plan={"stage": "encode", "input": images.fingerprint, **attrs},
         inputs=[source],
-        data_files=(".h5", ".parquet"),
+        data_files=STAGE_DATA_FILES["encode"],
         planned_shards=[shard.name for shard in images.shards],
         unit="img",
         total_rows=expected_samples(images.shards),

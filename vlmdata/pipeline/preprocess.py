@@ -26,6 +26,7 @@ from vlmdata.pipeline.imageops import SquareOptions, decoder_warnings_ignored, s
 from vlmdata.pipeline.runner import Stage, output_path, run_stage
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
+    STAGE_DATA_FILES,
     ShardFiles,
     ShardWriter,
     duplicate_fields,
@@ -83,7 +84,7 @@ def run_preprocess(config: PreprocessConfig) -> RunSummary:
         output_dir=out,
         plan=config.plan(images),
         inputs=[source],
-        data_files=(".tar", ".parquet"),
+        data_files=STAGE_DATA_FILES["preprocess"],
         planned_shards=[shard.name for shard in images.shards],
         unit="img",
         total_rows=expected_samples(images.shards),

@@ -131,12 +131,20 @@ def read_state_json(path: Path, missing_ok: bool = False) -> dict | None:
             return None
         raise UserError(f"{path} is missing; rerun the stage that writes it") from None
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"{path} is damaged ({type(e).__name__}: {e}); delete it and rerun the stage"
-        ) from None
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); {_fix(path)}") from None
     if not isinstance(value, dict):
-        raise UserError(f"{path} is damaged (not a JSON object); delete it and rerun the stage")
+        raise UserError(f"{path} is damaged (not a JSON object); {_fix(path)}")
     return value
+
+
+def _fix(path: Path) -> str:
+    """What to do about a damaged state file: totals are made again, a plan cannot be."""
+    if path.name == PLAN:
+        return (
+            "the output cannot be resumed safely without it: restore it, or start over in an "
+            "empty directory"
+        )
+    return "delete it and rerun the stage"
 
 
 def stage_of(out: Path) -> str | None:
@@ -181,6 +189,9 @@ class ShardFiles:
 
 
 IMAGE_SHARD_FILES = (".tar", ".parquet")  # the data files of an image stage's shard
+# What a done shard of each stage holds beside its stats marker.
+STAGE_DATA_FILES = {"download": IMAGE_SHARD_FILES, "preprocess": IMAGE_SHARD_FILES,
+                    "encode": (".h5", ".parquet")}  # fmt: skip
 
 
 def complete_shard_stats(files: ShardFiles, data_files: tuple[str, ...]) -> dict | None:
@@ -279,8 +290,7 @@ class ShardWriter:
     def __init__(self, files: ShardFiles) -> None:
         self.files = files
         self.records: dict[str, dict] = {}
-        self.retrying = files.retry_journal.exists()
-        if self.retrying:
+        if files.retry_journal.exists():
             self.partial, self.journal = files.retry_tar, files.retry_journal
             if not self.partial.exists():
                 _copy_atomic(files.tar, self.partial)
@@ -290,8 +300,9 @@ class ShardWriter:
                 os.replace(files.tar, self.partial)  # killed between finish steps: reopen it
         self._recover_tar()
         self._recover_journal()
-        self._tar = open(self.partial, "ab")
-        # Unbuffered: each failure is one write(2), on disk (page cache) before the next row.
+        # Unbuffered: each row is whole write(2)s, on disk (page cache) before the next row,
+        # and a short write (a full disk) is cut back by _append_whole, not left in a buffer.
+        self._tar = open(self.partial, "ab", buffering=0)
         self._journal = open(self.journal, "ab", buffering=0)
         self._lock = threading.Lock()  # rows finish on several threads
 
@@ -431,7 +442,13 @@ def reopen_for_retry(files: ShardFiles, retry: set[str]) -> int:
     presence marks the retry pending. The finished shard is not touched until the rebuilt one
     replaces it (:class:`ShardWriter`), so readers and a kill never see it disappear.
     """
-    rows = pq.read_table(files.parquet).to_pylist()
+    try:
+        rows = pq.read_table(files.parquet).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(
+            f"{files.parquet} is damaged ({e}); delete the shard's files ({files.name}.*) and "
+            "rerun to redo it"
+        ) from None
     again = {
         r["key"] for r in rows if r["status"] == FAILED_TO_DOWNLOAD and r["error_kind"] in retry
     }
