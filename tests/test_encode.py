@@ -242,3 +242,19 @@ def test_encode_cli_summary(photos, tmp_path):
     assert "11 rows in 1 shards" in result.stdout and "success" in result.stdout
     with h5py.File(tmp_path / "o" / "00000.h5", "r") as f:
         assert f["tokens"].shape == (10, 144, 64)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"square": SquareOptions(pad_threshold=0.8)}, "made with --pad-threshold 0.6, this run has "
+                                                   "--pad-threshold 0.8"),
+    ({"layer": 0}, "made with --layer 1, this run has --layer 0"),
+    ({"tokens": "16"}, "made with --tokens 64, this run has --tokens 16"),
+    ({"model": "ViT-B-32", "pretrained": "none", "tokens": "16"},
+     "made with --model tiny-random-clip, this run has --model ViT-B-32"),
+])  # fmt: skip
+def test_a_refused_resume_names_the_flag_that_changed(photos, tmp_path, change, words):
+    out = tmp_path / "features"
+    encode(photos, out, tokens="64")
+    with pytest.raises(UserError) as refused:
+        encode(photos, out, **{"tokens": "64", **change})
+    assert words in str(refused.value)

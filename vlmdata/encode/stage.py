@@ -112,7 +112,10 @@ def run_encode(config: EncodeConfig) -> RunSummary:
     stage = Stage(
         name="encode",
         output_dir=out,
-        plan={"stage": "encode", "input": images.fingerprint, **attrs},
+        # The square options by their flags first: a refused resume names what changed.
+        plan={"stage": "encode", "input": images.fingerprint,
+              "pad_threshold": config.square.pad_threshold, "fill": list(config.square.fill),
+              "max_pixels": config.max_pixels, **attrs},
         inputs=[source],
         data_files=STAGE_DATA_FILES["encode"],
         planned_shards=[shard.name for shard in images.shards],
@@ -141,9 +144,9 @@ def _attributes(
         "weights_sha256": clip.weights_sha256,
         "layer": features.layer,
         "layer_requested": config.layer,
+        "tokens": features.side**2,
         "source_grid": clip.grid,
         "token_grid": features.side,
-        "tokens": features.side**2,
         "width": clip.width,
         "embed_dim": clip.embed_dim,
         "image_size": clip.image_size,

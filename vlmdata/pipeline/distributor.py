@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
-from typing import Protocol
+from typing import Any, Protocol
 
 from vlmdata.errors import MachineFailure, UserError
-from vlmdata.pipeline.sources import Shard
 
 __all__ = ["Progress", "Work", "WorkerError", "die_with_parent", "distribute"]
 
@@ -64,6 +63,8 @@ class Progress(Protocol):
     def record(self, status: str, error_kind: str | None, nbytes: int) -> None: ...
 
 
+# A shard is any picklable object with a ``name``: a URL-list slice, an image tar, ...
+Shard = Any
 Work = Callable[[Iterator[Shard], Progress], None]
 
 

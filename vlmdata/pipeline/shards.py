@@ -241,7 +241,8 @@ def check_plan(out_dir: Path, plan: dict) -> None:
             f"{out_dir} was made from a different input ({_short(previous.get('input'))}); "
             "pass the same input, or use another directory for this one"
         )
-    for option in sorted(set(previous) | set(plan)):
+    # In the plan's own order, which puts the options a user sets before what follows them.
+    for option in [*plan, *(k for k in previous if k not in plan)]:
         before, now = previous.get(option), plan.get(option)
         if before == now:
             continue
@@ -256,7 +257,9 @@ def check_plan(out_dir: Path, plan: dict) -> None:
 
 
 # Plan entries whose command-line flag is not their own name.
-_FLAGS = {"resize.size": "--resize"}
+_FLAGS = {"resize.size": "--resize", "layer_requested": "--layer",
+          "placeholder_references": "--reference", "vlmdata_version": "vlmdata version",
+          "weights_sha256": "--pretrained weights with sha256"}  # fmt: skip
 
 
 def _as_flag(option: str, value: object) -> str:
