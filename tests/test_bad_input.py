@@ -174,3 +174,64 @@ def test_decoder_warnings_about_bad_files_stay_quiet(tmp_path, processes):
                      "--shard-size", "2", "--processes", processes)  # fmt: skip
     assert result.returncode == 0 and "success                       4" in result.stdout
     assert result.stderr == ""
+
+
+def test_a_header_declaring_an_impossible_size_is_a_status_row(tmp_path):
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("P", (50, 40)).save(buffer, "BMP")
+    bmp = bytearray(buffer.getvalue())
+    bmp[18:22] = struct.pack("<i", -50000)  # read as a width of 4294917296
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "neg.bmp").write_bytes(bytes(bmp))
+    (folder / "ok.jpg").write_bytes(make_image(40, 40))
+    result = vlmdata("preprocess", str(folder), str(tmp_path / "sq"), "--size", "16")
+    assert result.returncode == 0, result.stderr
+    assert "decompression_bomb 1" in result.stdout or "broken_image 1" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["download", "", "{out}"], "INPUT is empty"),
+    (["download", "{csv}", "{out}", "--url-col", ""], "--url-col is empty"),
+    (["download", "{urls}", "{out}", "--user-agent-token", "a\nb"], "--user-agent-token"),
+    (["download", "{urls}", "{out}", "--resize", "100000"], "must be 1 to 8192"),
+    (["preprocess", "", "{out}"], "INPUT_DIR is empty"),
+    (["preprocess", "{photos}", "{out}", "--size", "60000"], "must be 1 to 8192"),
+    (["encode", "{photos}", "{out}", "--model", "tiny-random-clip", "--pretrained", "nope.pt"],
+     "is not a weights file"),
+    (["encode", "{photos}", "{out}", "--model", "tiny-random-clip", "--reference", "{bomb}"],
+     "is not a readable image"),
+    (["encode", "{photos}", "{out}", "--model", "tiny-random-clip", "--reference", "{bomb}",
+      "--no-placeholder-filter"], "--reference has no effect"),
+])  # fmt: skip
+def test_more_user_mistakes_are_one_line(tmp_path, args, message):
+    from conftest import png_header_only
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://10.0.0.1/a.jpg\n")
+    table = tmp_path / "urls.csv"
+    table.write_text("image_url,capsfusion\nhttp://10.0.0.1/a.jpg,a\n")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(make_image(30, 30))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(40000, 40000))
+    values = {"{out}": str(tmp_path / "out"), "{urls}": str(urls), "{csv}": str(table),
+              "{photos}": str(photos), "{bomb}": str(bomb)}  # fmt: skip
+    result = vlmdata(*[values.get(a, a) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_an_upstream_killed_before_its_first_shard_is_unfinished(tmp_path):
+    out = tmp_path / "dl"
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps({"stage": "download", "input": {}}))
+    (out / "00000.tar.partial").write_bytes(b"")
+    result = vlmdata("preprocess", str(out), str(tmp_path / "sq"))
+    assert result.returncode == 2 and "unfinished download" in result.stderr, result.stderr

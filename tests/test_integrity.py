@@ -221,6 +221,13 @@ def test_a_tar_cut_at_a_member_boundary_is_refused(downloaded, tmp_path):
     with tarfile.open(tar) as t:
         members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
     write_tar(tar, members[:-3])  # the last sample is gone, the tar still valid
+    # Its size no longer matches what the shard's marker recorded: the shard is not done.
+    with pytest.raises(UserError, match="unfinished download"):
+        preprocess(downloaded, tmp_path / "sq")
+    # Without recorded sizes (img2dataset's shards), the parquet beside the tar tells.
+    marker = downloaded / "00001.stats.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items()
+                                  if k != "sizes"}))  # fmt: skip
     with pytest.raises(UserError, match=r"00001.tar lacks 1 samples.*cut short or damaged"):
         preprocess(downloaded, tmp_path / "sq")
     with pytest.raises(UserError, match="cut short or damaged"):
@@ -409,11 +416,36 @@ def test_inspect_agrees_with_the_runner_on_what_is_done(downloaded):
     assert "00001.stats.json: marks a shard whose 00001.tar is gone" in text
 
 
-def test_retry_failed_over_a_damaged_parquet_is_one_line(server, tmp_path):
+def test_retry_failed_over_a_damaged_parquet_redoes_the_shard(server, tmp_path):
     src = url_list(server, tmp_path)
     server.fail_with["1.jpg"] = 503
     out = tmp_path / "dl"
     download(src, out)
     (out / "00000.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(UserError, match=r"00000.parquet is damaged .* rerun to redo it"):
-        download(src, out, retry_failed=True)
+    server.fail_with.clear()
+    summary = download(src, out, retry_failed=True)
+    assert summary.totals["status"] == {"success": N}
+    assert len(rows_of(out)) == N
+
+
+@pytest.mark.parametrize("damage", ["empty tar", "cut tar", "garbage parquet", "cut h5"])
+def test_a_data_file_damaged_after_its_marker_is_redone(downloaded, tmp_path, damage):
+    features = tmp_path / "feat"
+    encode(downloaded, features)
+    target = {"empty tar": downloaded / "00001.tar", "cut tar": downloaded / "00001.tar",
+              "garbage parquet": downloaded / "00001.parquet",
+              "cut h5": features / "00001.h5"}[damage]  # fmt: skip
+    size = target.stat().st_size
+    if damage == "garbage parquet":
+        target.write_bytes(b"x" * 10)
+    else:
+        os.truncate(target, 0 if damage == "empty tar" else size // 2)
+    if target.parent == downloaded:  # the download redoes its shard, then encode follows
+        summary = download(downloaded.parent / "urls.parquet", downloaded)
+        assert not summary.nothing_to_do
+    summary = encode(downloaded, features)
+    assert not summary.nothing_to_do and summary.totals["rows"] == N
+    (features / "manifest.json").unlink()
+    assert not encode(downloaded, features).nothing_to_do  # the manifest is written again
+    assert json.loads((features / "manifest.json").read_text())["rows"] == N
+    assert encode(downloaded, features).nothing_to_do

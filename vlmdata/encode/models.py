@@ -23,6 +23,7 @@ from pathlib import Path
 from vlmdata.errors import UserError
 
 TINY_RANDOM_CLIP = "tiny-random-clip"
+DEFAULT_TAG = "openai"  # --pretrained's default
 RANDOM = ("none", "random", "")  # --pretrained values that mean random weights
 _CONFIGS = Path(__file__).parent / "model_configs"
 _HUB_PROBE_TIMEOUT_S = 3.0
@@ -66,7 +67,12 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
     _require_vit_tower(name)  # before fetching or building anything
     pretrained = (pretrained or "").strip()
     if name == TINY_RANDOM_CLIP and pretrained not in RANDOM and not Path(pretrained).is_file():
-        pretrained = "random"  # it has no published weights: the default tag cannot apply
+        if pretrained != DEFAULT_TAG:  # a path that is not there, or a tag it cannot have
+            raise UserError(
+                f"--pretrained {pretrained!r} is not a weights file; {TINY_RANDOM_CLIP} has no "
+                "published weights: pass a file saved from it, or none"
+            )
+        pretrained = "random"  # the default tag cannot apply: random weights
     digest, weights_file, tag = None, None, None
     options: dict = {}
     if pretrained.lower() in RANDOM:

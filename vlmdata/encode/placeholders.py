@@ -44,7 +44,7 @@ def load_references(paths: list[str]) -> dict[str, bytes]:
         try:
             data = Path(path).read_bytes()
             Image.open(io.BytesIO(data)).load()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(
                 f"--reference {path} is not a readable image ({e}); fix the path"
             ) from None

@@ -25,17 +25,24 @@ from vlmdata.encode.features import PatchFeatures, token_grid_side
 from vlmdata.encode.models import LoadedClip, load_clip, resolve_device
 from vlmdata.encode.placeholders import builtin_placeholders, load_references
 from vlmdata.encode.store import FeatureShardWriter
-from vlmdata.errors import MachineFailure, require_at_least, require_finite
+from vlmdata.errors import MachineFailure, UserError, require_at_least, require_finite
 from vlmdata.pipeline.distributor import Progress, die_with_parent
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, make_square
-from vlmdata.pipeline.runner import Stage, output_path, run_stage
+from vlmdata.pipeline.runner import (
+    Stage,
+    check_output_location,
+    check_ownership,
+    path_argument,
+    run_stage,
+)
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
     STAGE_DATA_FILES,
     SUCCESS,
     ShardFiles,
     atomic_write_json,
+    data_sizes,
     duplicate_fields,
     read_state_json,
     shard_stats,
@@ -95,12 +102,16 @@ class EncodeConfig:
                          shard_size=self.shard_size)  # fmt: skip
         require_at_least(0, workers=self.workers)
         require_finite("--placeholder-threshold", self.placeholder_threshold, -1, 1)
+        if self.references and not self.placeholder_filter:
+            raise UserError("--reference has no effect with --no-placeholder-filter; drop one")
 
 
 def run_encode(config: EncodeConfig) -> RunSummary:
     """Encode every image of ``config.input_dir`` into HDF5 shards under ``config.output_dir``."""
-    source, out = Path(config.input_dir), output_path(config.output_dir)
+    source, out = path_argument(config.input_dir, "INPUT_DIR"), path_argument(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
+    check_output_location(out, [source])  # user mistakes first: before the model loads
+    check_ownership(out, "encode")
     device = resolve_device(config.device, config.precision)
     references = {} if not config.placeholder_filter else {
         **builtin_placeholders(), **load_references(list(config.references))
@@ -125,6 +136,7 @@ def run_encode(config: EncodeConfig) -> RunSummary:
         partial_input=images.partial,
         input_markers={shard.name: input_marker(shard) for shard in images.shards},
         before_complete=lambda out, names: _write_manifest(out, names, attrs),
+        run_files=("manifest.json",),
     )
 
     def work(shards: Iterator[ImageShard], progress: Progress) -> None:
@@ -254,7 +266,8 @@ class _ShardEncoder:
             raise
         records.sort(key=lambda r: r["key"])
         write_parquet_atomic(files.parquet, pa.Table.from_pylist(records, schema=ENCODE_SCHEMA))
-        stats = shard_stats(shard.name, records, time.monotonic() - started, marker)
+        sizes = data_sizes(files, STAGE_DATA_FILES["encode"])
+        stats = shard_stats(shard.name, records, time.monotonic() - started, marker, sizes)
         atomic_write_json(files.stats, stats)
 
     def _encode_batch(

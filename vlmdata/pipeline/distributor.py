@@ -49,7 +49,9 @@ __all__ = ["Progress", "Work", "WorkerError", "die_with_parent", "distribute"]
 _FLUSH_S = 0.2  # a worker sends its outcomes at least this often...
 _FLUSH_ROWS = 512  # ...or every this many rows
 _POLL_S = 0.05  # how long a wait lasts before checking whether to stop
-_GRACE_S = 5.0  # how long a worker may take to exit before it is killed
+# How long a worker may take to exit before it is killed. Unwinding takes well under a second;
+# a loaded machine can stretch that, and a killed worker leaks its pools' semaphores.
+_GRACE_S = 20.0
 _ORPHAN_POLL_S = 0.5  # without PR_SET_PDEATHSIG: how often a child looks for its parent
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _ONE_LINE_ERRORS = (UserError, MachineFailure)  # raised again in the parent as themselves

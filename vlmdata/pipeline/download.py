@@ -13,6 +13,7 @@ import asyncio
 import math
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -24,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 from aiohttp.abc import AbstractResolver
 
-from vlmdata.errors import require_at_least, require_finite
+from vlmdata.errors import UserError, require_at_least, require_finite
 from vlmdata.pipeline.distributor import Progress, die_with_parent
 from vlmdata.pipeline.fetch import (
     RETRYABLE_KINDS,
@@ -42,7 +43,7 @@ from vlmdata.pipeline.imageops import (
     inspect_image,
     square_image,
 )
-from vlmdata.pipeline.runner import Stage, output_path, run_stage
+from vlmdata.pipeline.runner import Stage, path_argument, run_stage
 from vlmdata.pipeline.shards import (
     FAILED_TO_DECODE,
     FAILED_TO_DOWNLOAD,
@@ -86,6 +87,12 @@ class DownloadConfig:
                          max_pixels=self.max_pixels, max_bytes=self.fetch.max_bytes)  # fmt: skip
         require_at_least(0, retries=self.fetch.retries)
         require_finite("--timeout", self.fetch.timeout, 0, 24 * 3600)
+        token = self.fetch.user_agent_token
+        if token is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", token):
+            raise UserError(
+                f"--user-agent-token {token!r} must be one word of letters, digits, '.', '_' or "
+                "'-' (it goes into the User-Agent header)"
+            )
 
     def plan(self, source: UrlSource) -> dict:
         """The input and the options that change what lands in the output."""
@@ -112,7 +119,7 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
         config.input, config.url_col, config.caption_col, config.keep_cols,
         config.input_format, config.limit,
     )  # fmt: skip
-    out = output_path(config.output_dir)
+    out = path_argument(config.output_dir)
     total = source.total_rows()
     planned = None
     if total is not None:

@@ -86,6 +86,9 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
             8: Image.Transpose.ROTATE_90}  # fmt: skip
 
 
+MAX_SQUARE = 8192  # a square side; beyond it one image alone takes gigabytes to resize
+
+
 @dataclass(frozen=True)
 class SquareOptions:
     """How to turn any image into a ``size`` x ``size`` RGB square."""
@@ -98,8 +101,11 @@ class SquareOptions:
     min_side: int = 0  # shorter sides below this are filtered out, not written
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise UserError(f"--size must be at least 1, got {self.size}")
+        if not 1 <= self.size <= MAX_SQUARE:
+            raise UserError(
+                f"the square side (--size, or --resize N) must be 1 to {MAX_SQUARE}, "
+                f"got {self.size}"
+            )
         if not 0 < self.pad_threshold <= 1:
             raise UserError(f"--pad-threshold must be in (0, 1], got {self.pad_threshold}")
         if len(self.fill) != 3 or not all(0 <= c <= 255 for c in self.fill):
@@ -148,9 +154,15 @@ class ImageResult:
         }  # fmt: skip
 
 
-def _failure(kind: str, message: str, **geometry: object) -> ImageResult:
+_INT32_MAX = 2**31 - 1  # the parquet's size columns are int32
+
+
+def _failure(kind: str, message: str, **geometry: int | float) -> ImageResult:
     status = FILTERED if kind == "too_small" else FAILED_TO_DECODE
-    return ImageResult(status=status, error_kind=kind, error=message[:300], **geometry)
+    # A hostile header can declare any size (a BMP's negative width reads as 4294917296): the
+    # message keeps it, the columns only what they can hold.
+    sizes = {k: v for k, v in geometry.items() if not isinstance(v, int) or 0 <= v <= _INT32_MAX}
+    return ImageResult(status=status, error_kind=kind, error=message[:300], **sizes)
 
 
 def inspect_image(data: bytes, max_pixels: int) -> ImageResult:

@@ -23,7 +23,7 @@ from vlmdata.errors import require_at_least
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, decoder_warnings_ignored, square_image
-from vlmdata.pipeline.runner import Stage, output_path, run_stage
+from vlmdata.pipeline.runner import Stage, path_argument, run_stage
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
     STAGE_DATA_FILES,
@@ -77,7 +77,7 @@ class PreprocessConfig:
 
 def run_preprocess(config: PreprocessConfig) -> RunSummary:
     """Square every image of ``config.input_dir`` into shards under ``config.output_dir``."""
-    source, out = Path(config.input_dir), output_path(config.output_dir)
+    source, out = path_argument(config.input_dir, "INPUT_DIR"), path_argument(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
     stage = Stage(
         name="preprocess",

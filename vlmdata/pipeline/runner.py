@@ -55,6 +55,7 @@ class Stage:
     reopen: Callable[[Stage], int] | None = None
     # Written after the shards and before the completion marker (encode's manifest).
     before_complete: Callable[[Path, list[str]], None] | None = None
+    run_files: tuple[str, ...] = ()  # what before_complete writes: a complete run has them
     # The current state of the input shard behind each output shard (upstream.input_marker): a
     # shard made from an older state (before a --retry-failed upstream) is redone.
     input_markers: dict[str, str | None] | None = None
@@ -104,10 +105,10 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
         return close_run(stage, planned, progress, started, retried)
 
 
-def output_path(text: str) -> Path:
-    """The OUTPUT_DIR argument as a path; an empty one is refused (it would mean ``.``)."""
+def path_argument(text: str, name: str = "OUTPUT_DIR") -> Path:
+    """A directory argument as a path; an empty one is refused (``Path("")`` would mean ``.``)."""
     if not str(text).strip():
-        raise UserError("OUTPUT_DIR is empty; pass a directory for the output")
+        raise UserError(f"{name} is empty; pass a directory")
     return Path(text)
 
 
@@ -155,6 +156,8 @@ def completed_run(stage: Stage) -> RunSummary | None:
     ):
         return None
     if not all(stage.is_complete(name) for name in names):
+        return None
+    if not all(_is_whole_state_file(stage.output_dir / name) for name in stage.run_files):
         return None
     return RunSummary(str(stage.output_dir), root, nothing_to_do=True, hint=stage.hint)
 
@@ -212,6 +215,13 @@ def _discard_stale(stage: Stage, files: ShardFiles) -> None:
     if missing or stale_input:
         files.retry_journal.unlink(missing_ok=True)
         files.retry_tar.unlink(missing_ok=True)
+
+
+def _is_whole_state_file(path: Path) -> bool:
+    try:
+        return read_state_json(path, missing_ok=True) is not None
+    except UserError:
+        return False  # damaged: written again by the run
 
 
 def _mark_incomplete(out: Path) -> None:

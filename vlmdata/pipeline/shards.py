@@ -16,6 +16,7 @@ or absent (a short write on a full disk is cut back), and recovery drops anythin
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import fcntl
 import json
 import os
@@ -203,7 +204,18 @@ def complete_shard_stats(files: ShardFiles, data_files: tuple[str, ...]) -> dict
         stats = read_state_json(files.stats, missing_ok=True)
     except UserError:
         return None  # a damaged marker marks nothing: the shard is redone
-    return stats if stats is not None and isinstance(stats.get("rows"), int) else None
+    if stats is None or not isinstance(stats.get("rows"), int):
+        return None
+    # A data file emptied, cut or replaced since the marker was written vouches for nothing.
+    sizes = stats.get("sizes")
+    if isinstance(sizes, dict) and sizes != data_sizes(files, tuple(sizes)):
+        return None
+    return stats
+
+
+def data_sizes(files: ShardFiles, data_files: tuple[str, ...]) -> dict[str, int]:
+    """The sizes of a shard's data files, as its stats marker records them."""
+    return {suffix: files.data(suffix).stat().st_size for suffix in data_files}
 
 
 @contextmanager
@@ -351,7 +363,8 @@ class ShardWriter:
         # The tar first: at every moment the parquet's successes are in the tar beside it.
         os.replace(self.partial, self.files.tar)
         write_parquet_atomic(self.files.parquet, table)
-        stats = shard_stats(self.files.name, rows, duration_s, input_marker)
+        sizes = data_sizes(self.files, IMAGE_SHARD_FILES)
+        stats = shard_stats(self.files.name, rows, duration_s, input_marker, sizes)
         atomic_write_json(self.files.stats, stats)
         self.journal.unlink(missing_ok=True)  # for a retry: the end of the swap
         fsync_dir(self.files.stats.parent)
@@ -467,8 +480,9 @@ def reopen_for_retry(files: ShardFiles, retry: set[str]) -> int:
 
 
 def shard_stats(
-    name: str, rows: list[dict], duration_s: float, input_marker: str | None = None
-) -> dict:
+    name: str, rows: list[dict], duration_s: float, input_marker: str | None = None,
+    sizes: dict[str, int] | None = None,
+) -> dict:  # fmt: skip
     """Counts by status and error kind for one shard (what ``NNNNN.stats.json`` holds), and
     the state of the input shard it was made from, when that is a vlmdata shard."""
     status: dict[str, int] = {}
@@ -497,8 +511,11 @@ def shard_stats(
         stats["placeholder_similarity_histogram"] = similarity
     if input_marker is not None:
         stats["input"] = input_marker
+    if sizes is not None:
+        stats["sizes"] = sizes
     stats["duration_s"] = round(duration_s, 3)
-    stats["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # To the microsecond: a shard rewritten later (a retry) always gets a different marker.
+    stats["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
     return stats
 
 

@@ -79,6 +79,8 @@ def detect_format(path: Path) -> str | None:
 
 def list_input_files(spec: str, input_format: str | None = None) -> list[Path]:
     """The files named by ``spec``: one file, every input file of a directory, or a glob."""
+    if not spec.strip():
+        raise UserError("INPUT is empty; pass a file, a directory or a glob")
     path = Path(spec)
     if path.is_file():
         return [path]
@@ -164,6 +166,8 @@ class UrlSource:
         if any(fmt == "txt" for fmt in self.formats) and not self.is_text_list:
             raise UserError("cannot mix plain-text URL lists with tabular inputs; pass one kind")
         # A plain URL list has one column and no captions, whatever the column flags say.
+        if not self.is_text_list and not url_col.strip():
+            raise UserError("--url-col is empty; pass the name of the column holding the URLs")
         self.url_col = TXT_COLUMN if self.is_text_list else url_col
         self.caption_col = None if self.is_text_list else (caption_col or None)
         if self.is_text_list and self.keep_cols:

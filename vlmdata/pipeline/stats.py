@@ -33,7 +33,7 @@ def merge_stats(shard_stats: list[dict]) -> dict:
     totals: dict = {"shards": len(shard_stats)}
     for stats in shard_stats:
         for key, value in stats.items():
-            if key in ("shard", "finished_at", "duration_s", "input"):
+            if key in ("shard", "finished_at", "duration_s", "input", "sizes"):
                 continue
             if isinstance(value, dict):
                 totals[key] = dict(Counter(totals.get(key, {})) + Counter(value))

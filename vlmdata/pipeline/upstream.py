@@ -138,11 +138,12 @@ def open_image_input(input_dir: Path, shard_size: int, allow_incomplete: bool) -
     A vlmdata upstream is identified by its plan, not its files, so a run that took the done
     shards of an unfinished download resumes, and picks up the rest, once it has finished.
     """
+    upstream = read_upstream(input_dir) if input_dir.is_dir() else None
+    if upstream is not None:  # before listing: a run killed before its first tar is unfinished
+        refuse_incomplete(input_dir, upstream, allow_incomplete)
     shards = find_image_shards(input_dir, shard_size)
-    upstream = read_upstream(input_dir)
     if upstream is None:
         return ImageInput(shards, fingerprint(shards), partial=False)
-    refuse_incomplete(input_dir, upstream, allow_incomplete)
     # Only the shards the upstream finished: a stray or half-written tar is not one of them.
     shards = [s for s in shards if s.tar is not None and s.tar.stem in upstream.done]
     if not shards:
