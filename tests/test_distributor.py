@@ -80,6 +80,7 @@ def fail_on_bad(error: str, shards: Iterator, progress) -> None:
             end = time.monotonic() + 30
             while time.monotonic() < end:
                 time.sleep(0.05)
+            progress.record("held to the end", None, 0)  # never seen when stopped promptly
             continue
         if error == "user":
             raise UserError("line 7 of urls.csv has no closing quote; fix the line and rerun")
@@ -231,10 +232,8 @@ def test_the_polling_fallback_exits_when_the_parent_changes():
         "time.sleep(30)\n"
         "print('still here')\n"
     )
-    started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "still here" not in done.stdout
-    assert time.monotonic() - started < 20
 
 
 def test_a_positional_argument_is_no_parent_pid():
@@ -337,10 +336,10 @@ def record_pid_nowhere(shards: Iterator, progress) -> None:
 
 
 def test_one_failing_worker_stops_the_others_promptly():
-    started = time.monotonic()
+    recorder = Recorder()
     with pytest.raises(WorkerError):
-        distribute(partial(fail_on_bad, "value"), iter(["slow", "bad"]), 2, Recorder())
-    assert time.monotonic() - started < 20  # the slow shard alone would take 30 s
+        distribute(partial(fail_on_bad, "value"), iter(["slow", "bad"]), 2, recorder)
+    assert ("held to the end", None, 0) not in recorder.records  # the slow shard was cut short
 
 
 def test_a_worker_killed_outright_is_a_machine_failure():

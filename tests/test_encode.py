@@ -185,10 +185,8 @@ def test_local_weights_file_is_used(photos, tmp_path):
     ],
 )
 def test_bad_options_are_user_errors(photos, tmp_path, options, message):
-    started = time.monotonic()
     with pytest.raises(UserError, match=re.escape(message)):
         encode(photos, tmp_path / "out", **options)
-    assert time.monotonic() - started < 20  # offline hub tags fail at once
 
 
 def test_kill_mid_run_then_resume(photos, tmp_path):

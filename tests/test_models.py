@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -214,10 +213,8 @@ def test_probe_of_a_closed_port_fails_fast():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed when the block ends: nothing listens there
-    started = time.monotonic()
     reason = probe({"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": None})
     assert f"127.0.0.1:{port}" in reason
-    assert time.monotonic() - started < 20  # the process start included; the probe is ~0 s
 
 
 def test_a_hub_that_answers_5xx_is_unreachable(hub):
