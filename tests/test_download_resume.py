@@ -130,6 +130,14 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped; it only waits to be reaped
 
 
+def wait_for_hits(server: LoopbackServer, process: subprocess.Popen, hits: int) -> None:
+    """Wait until the download under test has made ``hits`` image requests (mid-run)."""
+    deadline = time.monotonic() + 60
+    while server.total_hits("/img/") < hits:
+        assert time.monotonic() < deadline and process.poll() is None, "no progress"
+        time.sleep(0.005)
+
+
 def wait_until_gone(pids: list[int]) -> None:
     """Every process of ``pids`` stops within a few seconds (multiprocessing's resource
     tracker, a child too, takes a moment to notice its parent is gone)."""
@@ -147,10 +155,7 @@ def test_killing_the_parent_alone_stops_its_workers(server, corpus, tmp_path, re
     process = subprocess.Popen(cli_args(corpus, out, *extra, processes=2), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while server.total_hits("/img/") < 60:
-            assert time.monotonic() < deadline and process.poll() is None, "no progress"
-            time.sleep(0.005)
+        wait_for_hits(server, process, 60)
         workers = children_of(process.pid)
         assert workers, "the download runs no worker processes"
         os.kill(process.pid, signal.SIGKILL)  # the parent alone, not its process group
@@ -254,10 +259,7 @@ def test_an_interrupt_is_one_line_and_resumable(server, corpus, tmp_path, signum
                                start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while server.total_hits("/img/") < 60:
-            assert time.monotonic() < deadline and process.poll() is None, "no progress"
-            time.sleep(0.005)
+        wait_for_hits(server, process, 60)
         workers = children_of(process.pid)
         # Ctrl-C reaches the whole foreground group; SIGTERM (a scheduler) the parent alone.
         if signum == signal.SIGINT:
