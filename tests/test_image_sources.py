@@ -244,3 +244,11 @@ def test_a_renamed_repeat_never_takes_a_real_key(tmp_path):
     got = [(s.key, s.image, s.duplicate) for s in samples_of(tar)]
     assert got == [("a", b"1", False), ("a#2", b"2", False), ("a#3", b"3", True),
                    ("a#4", b"4", True)]  # fmt: skip
+
+
+def test_a_tar_in_a_subfolder_of_an_image_folder_is_refused_too(tmp_path):
+    (tmp_path / "1.jpg").write_bytes(JPEG)
+    (tmp_path / "sub").mkdir()
+    one_sample_tar(tmp_path / "sub" / "extra.tar")
+    with pytest.raises(UserError, match=r"holds 1 \.tar file \(extra\.tar\) and 1 loose image"):
+        find_image_shards(tmp_path, shard_size=10)

@@ -73,12 +73,11 @@ def find_image_shards(input_dir: Path, shard_size: int) -> list[ImageShard]:
     if not input_dir.is_dir():
         raise UserError(f"input {input_dir} is not a directory of shards or images")
     tars = sorted(p for p in input_dir.glob("*.tar") if p.is_file())
-    images = sorted(
-        p for p in input_dir.rglob("*")
-        if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-    )  # fmt: skip
-    if tars and images:
-        raise UserError(_mixed_input_message(input_dir, tars, len(images)))
+    files = [p for p in input_dir.rglob("*") if p.is_file()]
+    images = sorted(p for p in files if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    nested_tars = sorted(p for p in files if p.suffix.lower() == ".tar" and p.parent != input_dir)
+    if images and (tars or nested_tars):  # a tar in a subfolder would be skipped as well
+        raise UserError(_mixed_input_message(input_dir, tars or nested_tars, len(images)))
     if tars:
         return [
             ImageShard(name, tar=p) for p, name in zip(tars, _tar_shard_names(tars), strict=True)
