@@ -449,3 +449,35 @@ def test_a_data_file_damaged_after_its_marker_is_redone(downloaded, tmp_path, da
     assert not encode(downloaded, features).nothing_to_do  # the manifest is written again
     assert json.loads((features / "manifest.json").read_text())["rows"] == N
     assert encode(downloaded, features).nothing_to_do
+
+
+def test_a_retry_that_recovers_nothing_leaves_the_tar_untouched(server, tmp_path):
+    src = url_list(server, tmp_path)
+    server.fail_with["1.jpg"] = 503
+    out = tmp_path / "dl"
+    download(src, out)
+    before = (out / "00000.tar").stat()
+    download(src, out, retry_failed=True)  # the host is still down
+    after = (out / "00000.tar").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not list(out.glob("*.retry.*"))
+
+
+def test_a_retry_killed_after_its_swap_adds_no_sample_twice(server, tmp_path, monkeypatch):
+    src = url_list(server, tmp_path)
+    server.fail_with["1.jpg"] = 503
+    out = tmp_path / "dl"
+    download(src, out)
+    server.fail_with.clear()
+
+    def killed(*args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(shards_module, "write_parquet_atomic", killed)  # right after the swap
+    expect_interrupted(download, src, out, retry_failed=True)
+    monkeypatch.undo()
+    download(src, out)
+    with tarfile.open(out / "00000.tar") as tar:
+        names = tar.getnames()
+    assert len(names) == len(set(names)) == 3 * SHARD
+    assert [r["status"] for r in rows_of(out)] == ["success"] * N

@@ -298,22 +298,28 @@ class ShardWriter:
 
     Opening it recovers what an interrupted run left (``records`` holds those rows by key);
     :meth:`add` appends one finished row; :meth:`finish` writes parquet and stats. A shard
-    with a pending ``--retry-failed`` is rebuilt in its ``retry_*`` files, from a copy of the
-    finished tar, and swapped in at the end: the old shard stays readable throughout.
+    with a pending ``--retry-failed`` keeps its finished tar as it is (readers go on using it)
+    and appends only the new successes to ``NNNNN.retry.tar.partial``; at the end they are
+    joined into a new tar that is swapped in whole, and a shard whose retries all failed again
+    keeps its tar untouched: a retry pass over a dataset costs what it recovers.
     """
 
     def __init__(self, files: ShardFiles) -> None:
         self.files = files
         self.records: dict[str, dict] = {}
-        if files.retry_journal.exists():
+        self.retrying = files.retry_journal.exists()
+        if self.retrying:
             self.partial, self.journal = files.retry_tar, files.retry_journal
-            if not self.partial.exists():
-                _copy_atomic(files.tar, self.partial)
+            finished, self._finished_end = _scan_tar(files.tar)  # read, never written
+            self.records.update(finished)
+            if self._recover_tar().keys() & finished.keys():
+                # Killed after the swap: the new samples are in the tar already.
+                os.truncate(self.partial, 0)
         else:
             self.partial, self.journal = files.partial_tar, files.journal
             if files.tar.exists() and not self.partial.exists():
                 os.replace(files.tar, self.partial)  # killed between finish steps: reopen it
-        self._recover_tar()
+            self._recover_tar()
         self._recover_journal()
         # Unbuffered: each row is whole write(2)s, on disk (page cache) before the next row,
         # and a short write (a full disk) is cut back by _append_whole, not left in a buffer.
@@ -351,7 +357,8 @@ class ShardWriter:
         recorded ones, so kept columns keep their own types (KEY.json holds text forms).
         ``input_marker`` records which state of the input shard this one was made from.
         """
-        _append_whole(self._tar, b"\0" * (2 * _BLOCK))  # end-of-archive marker
+        if not self.retrying:
+            _append_whole(self._tar, b"\0" * (2 * _BLOCK))  # end-of-archive marker
         os.fsync(self._tar.fileno())
         self._tar.close()
         self._journal.close()
@@ -361,11 +368,16 @@ class ShardWriter:
             rows = [{**row, **given} for row, given in zip(rows, inputs, strict=True)]
         table = pa.Table.from_pylist(rows, schema=schema)
         # The tar first: at every moment the parquet's successes are in the tar beside it.
-        os.replace(self.partial, self.files.tar)
+        if not self.retrying:
+            os.replace(self.partial, self.files.tar)
+        elif self.partial.stat().st_size:  # new successes: old samples, new ones, end marker
+            _join_tar_atomic(self.files.tar, self._finished_end, self.partial)
         write_parquet_atomic(self.files.parquet, table)
         sizes = data_sizes(self.files, IMAGE_SHARD_FILES)
         stats = shard_stats(self.files.name, rows, duration_s, input_marker, sizes)
         atomic_write_json(self.files.stats, stats)
+        if self.retrying:
+            self.partial.unlink(missing_ok=True)
         self.journal.unlink(missing_ok=True)  # for a retry: the end of the swap
         fsync_dir(self.files.stats.parent)
         return stats
@@ -375,28 +387,15 @@ class ShardWriter:
         self._tar.close()
         self._journal.close()
 
-    def _recover_tar(self) -> None:
-        """Keep every whole sample of the partial tar (KEY.json last) and cut the torn tail."""
+    def _recover_tar(self) -> dict[str, dict]:
+        """Keep every whole sample of the partial tar (KEY.json last) and cut the torn tail;
+        return the recovered rows."""
         if not self.partial.exists():
-            return
-        size = self.partial.stat().st_size
-        valid_end = 0
-        with open(self.partial, "rb") as f:
-            try:
-                with tarfile.open(fileobj=f, mode="r:") as tar:
-                    while (member := tar.next()) is not None:
-                        data_end = member.offset_data + member.size
-                        if data_end > size:
-                            break  # cut inside the data
-                        if member.name.endswith(".json"):
-                            record = _parse_record(tar.extractfile(member).read())
-                            if record is None:
-                                break
-                            self.records[record["key"]] = record
-                            valid_end = data_end + (-member.size % _BLOCK)
-            except (tarfile.TarError, EOFError, OSError):
-                pass  # a torn header: everything before it is kept
+            return {}
+        records, valid_end = _scan_tar(self.partial)
+        self.records.update(records)
         os.truncate(self.partial, valid_end)
+        return records
 
     def _recover_journal(self) -> None:
         """Keep every whole line that parses; drop a torn tail or a torn line in the middle."""
@@ -410,6 +409,50 @@ class ShardWriter:
                 kept.append(line + b"\n")
         # Rewrite without the torn pieces so appends start on a line boundary.
         atomic_write_bytes(self.journal, b"".join(kept))
+
+
+def _scan_tar(path: Path) -> tuple[dict[str, dict], int]:
+    """The status rows of the whole samples of a tar written by :class:`ShardWriter` (KEY.json
+    is each sample's last member), by key, and the offset where the last whole one ends."""
+    records: dict[str, dict] = {}
+    valid_end = 0
+    if not path.exists():
+        return records, valid_end
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                while (member := tar.next()) is not None:
+                    data_end = member.offset_data + member.size
+                    if data_end > size:
+                        break  # cut inside the data
+                    if member.name.endswith(".json"):
+                        record = _parse_record(tar.extractfile(member).read())
+                        if record is None:
+                            break
+                        records[record["key"]] = record
+                        valid_end = data_end + (-member.size % _BLOCK)
+        except (tarfile.TarError, EOFError, OSError):
+            pass  # a torn header (or the end marker): everything before it is kept
+    return records, valid_end
+
+
+def _join_tar_atomic(tar: Path, end: int, more: Path) -> None:
+    """Replace ``tar`` with its first ``end`` bytes, then ``more``, then an end marker."""
+    tmp = tar.with_name(f".{tar.name}.tmp")
+    with open(tmp, "wb") as out:
+        with open(tar, "rb") as old:
+            remaining = end
+            while remaining and (chunk := old.read(min(remaining, 1 << 24))):
+                out.write(chunk)
+                remaining -= len(chunk)
+        with open(more, "rb") as new:
+            shutil.copyfileobj(new, out, 1 << 24)
+        out.write(b"\0" * (2 * _BLOCK))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, tar)
+    fsync_dir(tar.parent)
 
 
 def _parse_record(data: bytes) -> dict | None:
@@ -432,13 +475,6 @@ def _append_whole(f: BinaryIO, data: bytes) -> None:
     except BaseException:
         f.truncate(start)
         raise
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, target)
 
 
 def _json_text(value: object) -> str:
