@@ -24,10 +24,9 @@ from pathlib import Path
 from vlmdata.errors import UserError
 from vlmdata.pipeline.imageops import IMAGE_EXTENSIONS
 from vlmdata.pipeline.shards import shard_name
-from vlmdata.pipeline.sources import row_key
+from vlmdata.pipeline.sources import LONE_SURROGATE, row_key
 
 _SAMPLE_EXTENSIONS = IMAGE_EXTENSIONS | {"txt", "json"}  # the tar members a sample reads
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -269,7 +268,7 @@ def _text(text: str) -> str:
     a byte becomes ``\\xNN`` (the name stays readable and distinct), any other lone surrogate
     U+FFFD.
     """
-    return _SURROGATE.sub(_escape_surrogate, text)
+    return LONE_SURROGATE.sub(_escape_surrogate, text)
 
 
 def _escape_surrogate(match: re.Match[str]) -> str:

@@ -60,7 +60,7 @@ _WIDE_BOMS = (
     (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"),
 )  # fmt: skip
 # A lone JSON "\ud83d" (half an emoji, cut by a scraper) makes a str arrow and parquet refuse.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _T = TypeVar("_T")
 
 
@@ -417,7 +417,7 @@ def _as_text(value: object) -> str | None:
     else:
         text = str(value)
     # isascii() is O(1) in CPython: the regex only scans the rare non-ASCII value.
-    return text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text)
+    return text if text.isascii() else LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _take(records: Iterator[dict], n: int) -> list[dict]:
