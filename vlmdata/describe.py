@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmdata.errors import UserError
+from vlmdata.errors import UserError, one_line
 from vlmdata.pipeline.shards import IMAGE_SHARD_FILES, STAGE_DATA_FILES
 
 MAX_PROBLEM_LINES = 50  # beyond this, one line counts the rest
@@ -36,6 +36,8 @@ _HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 _PARQUET_ERRORS = (OSError, ValueError, pa.ArrowException)
 _TAR_ERRORS = (OSError, tarfile.TarError, EOFError, zlib.error)
 _TAR_BLOCK = 512
+
+_MESSAGE_CHARS = 160  # how much of an error a problem line quotes
 
 
 class Corrupt(Exception):
@@ -150,7 +152,7 @@ def _checked_json(path: Path, fields: dict[str, type], problems: list[str]) -> d
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        problems.append(f"{path.name}: corrupt ({_one_line(e)})")
+        problems.append(f"{path.name}: corrupt ({one_line(e, _MESSAGE_CHARS)})")
         return None
     if not isinstance(value, dict):
         problems.append(f"{path.name}: corrupt (not a JSON object)")
@@ -203,7 +205,7 @@ def _hdf5(path: Path) -> str:
             for key, value in sorted(f.attrs.items()):
                 lines.append(f"  @{key} = {value}")
     except _HDF5_ERRORS as e:
-        raise Corrupt(_one_line(e)) from None
+        raise Corrupt(one_line(e, _MESSAGE_CHARS)) from None
     return "\n".join(lines)
 
 
@@ -219,7 +221,7 @@ def _check_hdf5(path: Path) -> None:
                 if name in f and isinstance(f[name], h5py.Dataset) and f[name].shape
             }
     except _HDF5_ERRORS as e:
-        raise Corrupt(_one_line(e)) from None
+        raise Corrupt(one_line(e, _MESSAGE_CHARS)) from None
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name} {n}" for name, n in counts.items())
         raise Corrupt(f"datasets disagree on the row count: {listed}")
@@ -239,7 +241,7 @@ def _tar(path: Path) -> str:
                     keys.append(key)
                 size += member.size
     except _TAR_ERRORS as e:
-        raise Corrupt(_one_line(e)) from None
+        raise Corrupt(one_line(e, _MESSAGE_CHARS)) from None
     kinds = ", ".join(f"{ext} {n}" for ext, n in extensions.most_common())
     return (
         f"{path}: {len(set(keys))} samples, {sum(extensions.values())} members, "
@@ -258,7 +260,7 @@ def _check_tar(path: Path) -> None:
             f.seek(max(0, size - 2 * _TAR_BLOCK))
             tail = f.read()
     except _TAR_ERRORS as e:
-        raise Corrupt(_one_line(e)) from None
+        raise Corrupt(one_line(e, _MESSAGE_CHARS)) from None
     if size % _TAR_BLOCK or len(tail) < 2 * _TAR_BLOCK or tail.strip(b"\0"):
         raise Corrupt(f"no end-of-archive marker after {size} bytes: the file was cut short")
 
@@ -267,7 +269,7 @@ def _parquet(path: Path) -> str:
     try:
         table = pq.read_table(path)
     except _PARQUET_ERRORS as e:
-        raise Corrupt(_one_line(e)) from None
+        raise Corrupt(one_line(e, _MESSAGE_CHARS)) from None
     lines = [f"{path}: {table.num_rows} rows", f"  columns: {', '.join(table.column_names)}"]
     if "status" in table.column_names:
         lines += _counts("status", Counter(table.column("status").to_pylist()))
@@ -279,7 +281,7 @@ def _check_parquet(path: Path) -> None:
     try:
         pq.read_metadata(path)
     except _PARQUET_ERRORS as e:
-        raise Corrupt(_one_line(e)) from None
+        raise Corrupt(one_line(e, _MESSAGE_CHARS)) from None
 
 
 # --- text ----------------------------------------------------------------------------------
@@ -291,7 +293,3 @@ def _counts(title: str, counts: dict) -> list[str]:
     return [f"  {title}: " + ", ".join(f"{k} {n}" for k, n in counts.items())]
 
 
-def _one_line(error: BaseException, limit: int = 160) -> str:
-    """An error's message on one line, whitespace collapsed, at most ``limit`` characters."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

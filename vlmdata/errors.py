@@ -28,3 +28,10 @@ def require_finite(flag: str, value: float, low: float, high: float) -> None:
     """Refuse a ``--flag`` value that is nan, infinite or outside ``(low, high]``."""
     if not (math.isfinite(value) and low < value <= high):
         raise UserError(f"{flag} must be a number in ({low:g}, {high:g}], got {value}")
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line (arrow's and HDF5's span several), whitespace
+    collapsed, cut to ``limit`` characters when given."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

@@ -30,7 +30,7 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmdata.errors import UserError
+from vlmdata.errors import UserError, one_line
 from vlmdata.pipeline.shards import RECORD_SCHEMA, shard_name
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
@@ -311,7 +311,7 @@ def _parquet_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]
             rows += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         raise UserError(
-            f"cannot read {path.name} after row {rows} ({_one_line(e)}); the file is damaged: "
+            f"cannot read {path.name} after row {rows} ({one_line(e)}); the file is damaged: "
             "re-download or re-write it"
         ) from None
 
@@ -345,7 +345,7 @@ def _cast_kept(column: pa.ChunkedArray, to: pa.DataType, col: str, path: Path) -
         # (an int64 above 2**53 where another file has float64).
         raise UserError(
             f"{path.name}: column {col!r} does not fit {to}, its type across the input files "
-            f"({_one_line(e)}); keep another column or give it one type in every file"
+            f"({one_line(e)}); keep another column or give it one type in every file"
         ) from None
 
 
@@ -509,7 +509,7 @@ def _read_text(
     except (OSError, EOFError, zlib.error) as e:  # gzip: BadGzipFile is an OSError
         where = f" after line {lines.count}" if lines and lines.count else ""
         raise UserError(
-            f"cannot read {path.name}{where} ({_one_line(e)}); the file is damaged or cut short: "
+            f"cannot read {path.name}{where} ({one_line(e)}); the file is damaged or cut short: "
             "re-download or re-compress it"
         ) from None
 
@@ -632,6 +632,3 @@ def _file_schema(path: Path, fmt: str) -> pa.Schema | None:
     return pa.schema([(str(name), pa.string()) for name in dict.fromkeys(names)])
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one line (arrow's span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
