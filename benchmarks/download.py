@@ -14,6 +14,15 @@ separate process on 127.0.0.1 and measures, on the same corpus and process count
 Then peak RSS of ``vlmdata download`` over URL lists of growing length (default up to
 1,000,000 rows) whose URLs the SSRF guard refuses without a packet sent: the whole row path
 (read, shard, record, write) runs at full speed, so memory growth with input size would show.
+
+Then what a rerun costs as the input grows (``--resume-rows``, default 50,000 and 5,000,000;
+``--no-resume`` skips it, ``--resume-only`` runs it alone): a CapsFusion-like parquet (an image
+URL and a ~260-character caption a row, ~275 bytes a row on disk, 250k-row groups) is
+downloaded to a finished output (default --shard-size), its URLs failing without a packet sent
+(an unsupported scheme) except the last shard's, which point at a loopback server. Measured
+on that output: (a) the wall time of a rerun, which has nothing to do; (b) after deleting the
+last shard's files (a run killed before it finished), the time from process start to the
+first request the loopback server receives. Neither should grow with the input.
 """
 
 from __future__ import annotations
@@ -26,14 +35,18 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -189,6 +202,194 @@ def measure_rss(tmp: Path, row_counts: list[int]) -> None:
         shutil.rmtree(out)
 
 
+# -- what a rerun costs as the input grows ----------------------------------------------------
+
+_GROUP_ROWS = 250_000  # CapsFusion's row groups
+_SHARD_ROWS = 10_000  # the default --shard-size: a rerun's cost is per shard, so keep it
+# Captions of random made-up words: English compresses better, but a CapsFusion file carries
+# three caption columns; this makes one column weigh what its rows weigh, ~275 bytes a row.
+_CAPTION_WORDS = 40
+_VOCABULARY_SIZE = 20_000
+
+
+def write_capsfusion_like(path: Path, rows: int, loopback: str) -> None:
+    """A parquet shaped like a CapsFusion file: ``image_url`` and ``capsfusion`` columns,
+    250k-row groups, ~275 bytes a row on disk. The last shard's URLs go to ``loopback``; the others
+    have an unsupported scheme, so they fail without a packet sent (and build fast)."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = pa.array(["".join(rng.choice(letters, rng.integers(2, 10)))
+                      for _ in range(_VOCABULARY_SIZE)])  # fmt: skip
+    last_shard = (rows - 1) // _SHARD_ROWS * _SHARD_ROWS
+    schema = pa.schema([("image_url", pa.string()), ("capsfusion", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, _GROUP_ROWS):
+            n = min(_GROUP_ROWS, rows - start)
+            ids = pc.cast(pa.array(np.arange(start, start + n) * 7919 % 10**12), pa.string())
+            hosts = pc.cast(pa.array(rng.integers(0, 500, n)), pa.string())
+            urls = pc.binary_join_element_wise(
+                "hxxps://cdn", hosts, ".images.example.com/photos/2019/", ids, ".jpg", ""
+            ).to_pylist()
+            for row in range(max(start, last_shard), start + n):
+                urls[row - start] = f"{loopback}/r/{row}.jpg"
+            picked = [pc.take(words, rng.integers(0, len(words), n)) for _ in range(_CAPTION_WORDS)]
+            captions = pc.binary_join_element_wise(*picked, " ")
+            writer.write_table(pa.table([pa.array(urls), captions], schema=schema))
+
+
+class FirstRequestServer:
+    """A loopback HTTP server on a thread of its own: answers 404, notes its first request."""
+
+    def __init__(self) -> None:
+        self.first_request: float | None = None  # time.monotonic() of the first request
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
+        if not ready.wait(60):
+            raise SystemExit("the loopback server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        from aiohttp import web
+
+        async def handler(request: web.Request) -> web.Response:
+            if self.first_request is None:
+                self.first_request = time.monotonic()
+            return web.Response(status=404)
+
+        app = web.Application()
+        app.router.add_get("/{path:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
+        self.port = runner.addresses[0][1]
+
+
+def seconds_to_first_request(command: list[str], server: FirstRequestServer) -> float:
+    """Seconds from starting ``command`` to the first request ``server`` gets; then kill it."""
+    server.first_request = None
+    started = time.monotonic()
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        while server.first_request is None:
+            if process.poll() is not None:
+                raise SystemExit(f"the resume sent no request:\n{process.stderr.read()[-2000:]}")
+            time.sleep(0.001)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return server.first_request - started
+
+
+def forget_last_shard(out: Path) -> None:
+    """Make ``out`` look like a run killed while its last shard was being downloaded."""
+    last = max(p.name.split(".")[0] for p in out.glob("*.stats.json") if p.name[0].isdigit())
+    for path in out.glob(f"{last}.*"):
+        path.unlink()
+    root = json.loads((out / "stats.json").read_text())
+    (out / "stats.json").write_text(json.dumps({**root, "complete": False}))
+
+
+def measure_resume(tmp: Path, row_counts: list[int], repeats: int) -> None:
+    """Build a finished output per row count, then time a rerun and a last-shard resume."""
+    server = FirstRequestServer()
+    processes = str(os.cpu_count() or 1)  # only the build is parallel: it is the long part
+    results = {}
+    for rows in row_counts:
+        url_list = tmp / f"capsfusion-{rows}.parquet"
+        started = time.perf_counter()
+        write_capsfusion_like(url_list, rows, server.url)
+        written = time.perf_counter() - started
+        out = tmp / f"resume-{rows}"
+        command = vlmdata_command(url_list, out, "--allow-private-network")
+        built, _ = timed([*command, "--processes", processes])
+        size_mb = url_list.stat().st_size / 1e6
+        print(f"{rows} rows: parquet {size_mb:.0f} MB written in {written:.1f} s, downloaded "
+              f"to a finished output in {built:.1f} s", flush=True)  # fmt: skip
+        rerun = min(timed(command)[0] for _ in range(repeats))
+        first = []
+        for _ in range(repeats):
+            forget_last_shard(out)
+            first.append(seconds_to_first_request(command, server))
+        results[rows] = (rerun, min(first))
+        shutil.rmtree(out)
+        url_list.unlink()
+    print(f"\n{'input rows':>12}{'rerun s':>10}{'resume: first request s':>26}")
+    for rows, (rerun, first) in results.items():
+        print(f"{rows:>12}{rerun:>10.2f}{first:>26.2f}")
+    small, large = min(results), max(results)
+    if small != large:
+        ratios = [results[large][i] / results[small][i] for i in range(2)]
+        print(f"{large} / {small} rows: rerun {ratios[0]:.2f}x, first request {ratios[1]:.2f}x")
+
+
+def measure_throughput(tmp: Path, args: argparse.Namespace) -> None:
+    """Images/s of the ceiling, of vlmdata download and of img2dataset on one corpus."""
+    corpus = build_corpus(Path(args.corpus), args.images)
+    total_mb = sum(p.stat().st_size for p in corpus) / 1e6
+    print(
+        f"corpus: {len(corpus)} JPEGs, {total_mb:.0f} MB; processes={args.processes} "
+        f"concurrency={args.concurrency} shard size={args.shard_size}"
+    )
+    server, urls = start_corpus_server(corpus)
+    rates: dict[str, float] = {}
+    url_list = tmp / "urls.parquet"
+    captions = [f"caption {i}" for i in range(len(urls))]
+    pq.write_table(pa.table({"image_url": urls, "capsfusion": captions}), url_list)
+
+    asyncio.run(ceiling(urls[:50], args.concurrency))  # warm the server
+    started = time.perf_counter()
+    fetched = asyncio.run(ceiling(urls, args.concurrency))
+    rates["ceiling: fetch, discard"] = fetched / (time.perf_counter() - started)
+    started = time.perf_counter()
+    fetched = asyncio.run(ceiling(urls, args.concurrency, sink=tmp / "sink.bin"))
+    rates["floor: fetch, write"] = fetched / (time.perf_counter() - started)
+    (tmp / "sink.bin").unlink()
+
+    out = tmp / "vlmdata"
+    flags = ["--allow-private-network", "--processes", str(args.processes), "--concurrency",
+             str(args.concurrency), "--shard-size", str(args.shard_size)]  # fmt: skip
+    elapsed, stdout = timed(vlmdata_command(url_list, out, *flags))
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["status"].get("success") == len(urls), stats
+    rates["vlmdata download"] = len(urls) / elapsed
+    # Its own summary's rate: the same run without interpreter start-up and imports.
+    rates["  (steady, own summary)"] = float(stdout.rsplit("(", 1)[1].split(" images/s")[0])
+    shutil.rmtree(out)
+
+    if args.img2dataset:
+        out = tmp / "img2dataset"
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        elapsed, _ = timed(img2dataset_command(args.img2dataset, url_list, out, args), env)
+        saved = count_tar_images(out)
+        assert saved == len(urls), f"img2dataset saved {saved} of {len(urls)}"
+        rates["img2dataset"] = len(urls) / elapsed
+        shutil.rmtree(out)
+    server.terminate()
+
+    print(f"\n{'run':<28}{'images/s':>10}")
+    for name, rate in rates.items():
+        print(f"{name:<28}{rate:>10.1f}")
+    ours = rates["vlmdata download"]
+    print(f"\nvlmdata / ceiling      = {ours / rates['ceiling: fetch, discard']:.2f}")
+    print(f"vlmdata / fetch+write  = {ours / rates['floor: fetch, write']:.2f}")
+    if "img2dataset" in rates:
+        print(f"vlmdata / img2dataset  = {ours / rates['img2dataset']:.2f}")
+    else:
+        print("img2dataset: not found (pass --img2dataset PATH to compare)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,64 +401,20 @@ def main() -> None:
     parser.add_argument("--img2dataset", default=shutil.which("img2dataset"), help="executable")
     parser.add_argument("--corpus", default=os.path.join(tempfile.gettempdir(), "vlmdata-corpus"))
     parser.add_argument("--rss-rows", default="20000,200000,1000000", help="'' skips RSS runs")
+    parser.add_argument("--resume-rows", default="50000,5000000", help="input sizes to rerun")
+    parser.add_argument("--no-resume", action="store_true", help="skip the rerun measurements")
+    parser.add_argument("--resume-only", action="store_true", help="only the rerun measurements")
+    parser.add_argument("--resume-repeats", type=int, default=3, help="best of this many")
     args = parser.parse_args()
 
-    corpus = build_corpus(Path(args.corpus), args.images)
-    total_mb = sum(p.stat().st_size for p in corpus) / 1e6
-    print(
-        f"corpus: {len(corpus)} JPEGs, {total_mb:.0f} MB; processes={args.processes} "
-        f"concurrency={args.concurrency} shard size={args.shard_size}"
-    )
-    server, urls = start_corpus_server(corpus)
-    rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        url_list = tmp / "urls.parquet"
-        captions = [f"caption {i}" for i in range(len(urls))]
-        pq.write_table(pa.table({"image_url": urls, "capsfusion": captions}), url_list)
-
-        asyncio.run(ceiling(urls[:50], args.concurrency))  # warm the server
-        started = time.perf_counter()
-        fetched = asyncio.run(ceiling(urls, args.concurrency))
-        rates["ceiling: fetch, discard"] = fetched / (time.perf_counter() - started)
-        started = time.perf_counter()
-        fetched = asyncio.run(ceiling(urls, args.concurrency, sink=tmp / "sink.bin"))
-        rates["floor: fetch, write"] = fetched / (time.perf_counter() - started)
-        (tmp / "sink.bin").unlink()
-
-        out = tmp / "vlmdata"
-        flags = ["--allow-private-network", "--processes", str(args.processes), "--concurrency",
-                 str(args.concurrency), "--shard-size", str(args.shard_size)]  # fmt: skip
-        elapsed, stdout = timed(vlmdata_command(url_list, out, *flags))
-        stats = json.loads((out / "stats.json").read_text())
-        assert stats["status"].get("success") == len(urls), stats
-        rates["vlmdata download"] = len(urls) / elapsed
-        # Its own summary's rate: the same run without interpreter start-up and imports.
-        rates["  (steady, own summary)"] = float(stdout.rsplit("(", 1)[1].split(" images/s")[0])
-        shutil.rmtree(out)
-
-        if args.img2dataset:
-            out = tmp / "img2dataset"
-            env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-            elapsed, _ = timed(img2dataset_command(args.img2dataset, url_list, out, args), env)
-            saved = count_tar_images(out)
-            assert saved == len(urls), f"img2dataset saved {saved} of {len(urls)}"
-            rates["img2dataset"] = len(urls) / elapsed
-            shutil.rmtree(out)
-        server.terminate()
-
-        print(f"\n{'run':<28}{'images/s':>10}")
-        for name, rate in rates.items():
-            print(f"{name:<28}{rate:>10.1f}")
-        ours = rates["vlmdata download"]
-        print(f"\nvlmdata / ceiling      = {ours / rates['ceiling: fetch, discard']:.2f}")
-        print(f"vlmdata / fetch+write  = {ours / rates['floor: fetch, write']:.2f}")
-        if "img2dataset" in rates:
-            print(f"vlmdata / img2dataset  = {ours / rates['img2dataset']:.2f}")
-        else:
-            print("img2dataset: not found (pass --img2dataset PATH to compare)")
-        if args.rss_rows:
-            measure_rss(tmp, [int(n) for n in args.rss_rows.split(",")])
+        if not args.resume_only:
+            measure_throughput(tmp, args)
+            if args.rss_rows:
+                measure_rss(tmp, [int(n) for n in args.rss_rows.split(",")])
+        if not args.no_resume:
+            measure_resume(tmp, [int(n) for n in args.resume_rows.split(",")], args.resume_repeats)
 
 
 if __name__ == "__main__":

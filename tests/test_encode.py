@@ -23,7 +23,7 @@ from conftest import make_image
 from vlmdata.cli import app
 from vlmdata.encode.models import load_clip
 from vlmdata.encode.placeholders import builtin_placeholders
-from vlmdata.encode.stage import EncodeConfig, normalized, run_encode
+from vlmdata.encode.stage import EncodeConfig, normalize, pixels, run_encode
 from vlmdata.errors import UserError
 from vlmdata.pipeline.imageops import SquareOptions, make_square
 
@@ -72,7 +72,7 @@ def test_features_equal_an_independent_computation(photos, tmp_path):
     mean, std = torch.tensor(clip.mean).view(3, 1, 1), torch.tensor(clip.std).view(3, 1, 1)
     for i in range(10):
         _, square = make_square((photos / f"{i:02d}.jpg").read_bytes(), options, 10**8)
-        x = normalized(square, mean, std)[None]
+        x = normalize(pixels(square), mean, std)[None]
         with torch.no_grad():
             # open_clip's own intermediate API: block outputs without the CLS token, as a grid
             result = model.visual.forward_intermediates(x, indices=[clip.layers - 2])

@@ -427,5 +427,97 @@ def inspect(
     run_command(lambda: describe(path))
 
 
+# --- labels: zero-shot CLIP labels over the embeddings encode cached -------------------------
+
+labels_app = typer.Typer(
+    help="Zero-shot CLIP labels for a dataset, from the embeddings `vlmdata encode` cached.",
+    no_args_is_help=True,
+)
+app.add_typer(labels_app, name="labels")
+
+
+@labels_app.command("classify")
+def labels_classify(
+    features_dir: Annotated[str, typer.Argument(help="The output directory of vlmdata encode.")],
+    output_dir: Annotated[str, typer.Argument(help="Where the label shards go.")],
+    taxonomy: Annotated[
+        str | None,
+        typer.Option(
+            help="Your taxonomy (JSON or YAML: category -> descriptions); default: "
+            "the shipped one (`vlmdata labels taxonomy`)."
+        ),
+    ] = None,
+    templates: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt templates, each with one {} for the description; default: "
+            "the shipped ones."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Checked against the features' model; default: theirs.")
+    ] = None,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the features' weights file is now, if it moved (its sha256 must match)."
+        ),
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Most probable descriptions kept per image.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Embeddings per matrix product.")] = 4096,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    allow_incomplete: AllowIncomplete = False,
+    quiet: Quiet = False,
+) -> None:
+    """Label every cached embedding with a taxonomy's descriptions and categories, resumably."""
+    from vlmdata.labels.classify import ClassifyConfig, run_classify
+
+    def stage():
+        return run_classify(
+            ClassifyConfig(
+                features_dir=features_dir,
+                output_dir=output_dir,
+                taxonomy=taxonomy,
+                templates=templates,
+                model=model,
+                pretrained=pretrained,
+                top_k=top_k,
+                batch_size=batch_size,
+                device=device,
+                allow_incomplete=allow_incomplete,
+                quiet=quiet,
+            )
+        )
+
+    run_command(stage)
+
+
+@labels_app.command("taxonomy")
+def labels_taxonomy(
+    out: Annotated[
+        str | None, typer.Option(help="Write it to this file instead of printing it.")
+    ] = None,
+) -> None:
+    """Print (or export) the default taxonomy as JSON, to edit and pass back with --taxonomy."""
+    run_command(lambda: _export_default_taxonomy(out))
+
+
+def _export_default_taxonomy(out: str | None) -> str:
+    """The default taxonomy's JSON, or the line saying where it was written."""
+    from vlmdata.labels.taxonomy import load_taxonomy, taxonomy_json
+    from vlmdata.pipeline.shards import atomic_write_bytes
+
+    taxonomy = load_taxonomy(None)
+    text = taxonomy_json(taxonomy).rstrip("\n")
+    if out is None:
+        return text
+    try:
+        atomic_write_bytes(Path(out), text.encode() + b"\n")
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror or e}); pass a writable path") from None
+    return (f"wrote the default taxonomy ({len(taxonomy.categories)} categories, "
+            f"{len(taxonomy.descriptions)} descriptions) to {out}")  # fmt: skip
+
+
 if __name__ == "__main__":
     app()

@@ -63,7 +63,11 @@ class PatchFeatures:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         block = self.clip.model.visual.transformer.resblocks[self.layer]
-        with _captured_output(block) as outputs:
+        autocast = self.clip.autocast
+        with (
+            _captured_output(block) as outputs,
+            torch.autocast(self.clip.device, dtype=autocast, enabled=autocast is not None),
+        ):
             embeds = self.clip.model.encode_image(images, normalize=True)
         hidden = outputs[0] if self._batch_first else outputs[0].transpose(0, 1)
         grid = self.clip.grid

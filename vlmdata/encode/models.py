@@ -25,6 +25,7 @@ from vlmdata.errors import UserError
 TINY_RANDOM_CLIP = "tiny-random-clip"
 DEFAULT_TAG = "openai"  # --pretrained's default
 RANDOM = ("none", "random", "")  # --pretrained values that mean random weights
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _CONFIGS = Path(__file__).parent / "model_configs"
 _HUB_PROBE_TIMEOUT_S = 3.0
 _EXAMPLE_VIT = "ViT-L-14-336"
@@ -50,11 +51,17 @@ class LoadedClip:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     device: str
-    dtype: object  # torch.dtype
+    dtype: object  # torch.dtype of the weights, and of the input images
+    autocast: object | None = None  # torch.dtype of the mixed-precision forward on a GPU
 
 
 def load_clip(name: str, pretrained: str | None, device: str, precision: str) -> LoadedClip:
-    """Build ``name`` with ``pretrained`` weights (a tag, a file, or none) on ``device``."""
+    """Build ``name`` with ``pretrained`` weights (a tag, a file, or none) on ``device``, for
+    ``precision`` (fp32, fp16 or bf16: :func:`resolve_precision` resolves auto).
+
+    On a GPU, fp16 and bf16 run as autocast: the weights stay fp32 and the ops autocast keeps
+    in fp32 (layer norms, softmax) stay there. On CPU the weights themselves are cast.
+    """
     import open_clip
     import torch
 
@@ -92,7 +99,9 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
     model = _create_model(name, tag, device, options)
     if weights_file is not None:
         _load_weights_file(model, weights_file, name)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    autocast = wanted if device == "cuda" and wanted != torch.float32 else None
+    dtype = torch.float32 if autocast is not None else wanted
     model = model.to(dtype=dtype).eval()
     visual = model.visual
     grid = visual.grid_size[0]
@@ -101,7 +110,7 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
         image_size=visual.image_size[0], patch_size=visual.patch_size[0], grid=grid,
         layers=len(visual.transformer.resblocks), width=visual.transformer.width,
         embed_dim=visual.output_dim, mean=tuple(visual.image_mean), std=tuple(visual.image_std),
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, autocast=autocast,
     )  # fmt: skip
 
 
@@ -115,11 +124,25 @@ def resolve_device(device: str, precision: str) -> str:
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise UserError(f"--precision must be fp32, fp16 or bf16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be {', '.join(PRECISIONS)}, got {precision!r}")
     if device == "cpu" and precision == "fp16":
         raise UserError("fp16 is not supported on CPU; use --precision bf16 or fp32")
     return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> fp32 on CPU; on a GPU bf16 where it has bf16 units, else fp16 (both as
+    autocast, see :func:`load_clip`). Other values are kept."""
+    if precision != "auto":
+        return precision
+    if device == "cpu":
+        return "fp32"
+    import torch
+
+    # Ampere and later: older GPUs emulate bf16, slower than their fp16.
+    native_bf16 = torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability()[0] >= 8
+    return "bf16" if native_bf16 else "fp16"
 
 
 @cache

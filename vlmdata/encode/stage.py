@@ -1,33 +1,40 @@
 """The encode stage: image shards in, HDF5 feature shards out (DESIGN.md, "encode").
 
-Per image shard: DataLoader workers decode and square the images (the crop/pad rule of
-preprocess, at the model's input size) while the model runs; one forward pass gives the
-pooled patch tokens and the CLIP embedding; images too close to a placeholder reference are
-left out; a writer thread appends the rest to ``NNNNN.h5``. ``NNNNN.parquet`` has a row per
+Per image shard: the main process indexes the shard (a tar's member headers, or a folder's
+files) and DataLoader workers each read, decode and square their own runs of consecutive
+samples (the crop/pad rule of preprocess, at the model's input size), so every input byte is
+read once; they hand back uint8 pixels, and the main process normalises them on the device and
+regroups them into forward batches. One forward pass gives the pooled patch tokens and the
+CLIP embedding; images too close to a placeholder reference are left out; a writer thread
+appends the rest to ``NNNNN.h5``. ``NNNNN.parquet`` has a row per
 input sample (success, placeholder or failed_to_decode, with the placeholder similarity) and
 ``NNNNN.stats.json`` marks the shard done. A killed run redoes only its unfinished shards.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from vlmdata import __version__
 from vlmdata.encode.features import PatchFeatures, token_grid_side
-from vlmdata.encode.models import LoadedClip, load_clip, resolve_device
+from vlmdata.encode.models import LoadedClip, load_clip, resolve_device, resolve_precision
 from vlmdata.encode.placeholders import builtin_placeholders, load_references
 from vlmdata.encode.store import FeatureShardWriter
 from vlmdata.errors import MachineFailure, UserError, require_at_least, require_finite
 from vlmdata.pipeline.distributor import Progress, die_with_parent
-from vlmdata.pipeline.image_sources import ImageShard, expected_samples
+from vlmdata.pipeline.image_sources import ImageShard, SampleRef, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, make_square
 from vlmdata.pipeline.runner import (
     Stage,
@@ -86,7 +93,7 @@ class EncodeConfig:
     tokens: str = "64"
     batch_size: int = 64
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     workers: int = 4
     references: tuple[str, ...] = ()
     placeholder_threshold: float = DEFAULT_PLACEHOLDER_THRESHOLD
@@ -113,20 +120,26 @@ def run_encode(config: EncodeConfig) -> RunSummary:
     check_output_location(out, [source])  # user mistakes first: before the model loads
     check_ownership(out, "encode")
     device = resolve_device(config.device, config.precision)
+    precision = resolve_precision(config.precision, device)
     references = {} if not config.placeholder_filter else {
         **builtin_placeholders(), **load_references(list(config.references))
     }  # fmt: skip
-    clip = load_clip(config.model, config.pretrained, device, config.precision)
+    clip = load_clip(config.model, config.pretrained, device, precision)
     features = PatchFeatures(clip, config.layer, token_grid_side(config.tokens, clip))
-    attrs = _attributes(config, clip, features, references)
+    attrs = _attributes(config, clip, features, references, precision)
     encoder = _ShardEncoder(config, clip, features, attrs, references)
     stage = Stage(
         name="encode",
         output_dir=out,
         # The square options by their flags first: a refused resume names what changed.
-        plan={"stage": "encode", "input": images.fingerprint,
-              "pad_threshold": config.square.pad_threshold, "fill": list(config.square.fill),
-              "max_pixels": config.max_pixels, **attrs},
+        plan={
+            "stage": "encode",
+            "input": images.fingerprint,
+            "pad_threshold": config.square.pad_threshold,
+            "fill": list(config.square.fill),
+            "max_pixels": config.max_pixels,
+            **attrs,
+        },
         inputs=[source],
         data_files=STAGE_DATA_FILES["encode"],
         planned_shards=[shard.name for shard in images.shards],
@@ -147,7 +160,11 @@ def run_encode(config: EncodeConfig) -> RunSummary:
 
 
 def _attributes(
-    config: EncodeConfig, clip: LoadedClip, features: PatchFeatures, references: dict
+    config: EncodeConfig,
+    clip: LoadedClip,
+    features: PatchFeatures,
+    references: dict,
+    precision: str,
 ) -> dict:
     """What the HDF5 root attributes (and the plan) record: enough to reuse the cache."""
     return {
@@ -170,55 +187,154 @@ def _attributes(
             f"crop if min/max side >= {config.square.pad_threshold} else pad, "
             f"Lanczos resize to {clip.image_size}, normalize mean/std"
         ),
-        "precision": config.precision,
+        "precision": precision,  # resolved: what auto became on this machine
         "placeholder_threshold": config.placeholder_threshold if references else None,
         "placeholder_references": sorted(references),
         "vlmdata_version": __version__,
     }
 
 
-class _SquaredImages(IterableDataset):
-    """One shard's samples, decoded and squared on DataLoader workers (each takes every n-th)."""
+class DecodedChunk(NamedTuple):
+    """A run of consecutive samples of a shard, decoded and squared on a worker."""
+
+    items: list[dict]  # per sample, in order: what its parquet row needs, and "decoded"
+    images: torch.Tensor | None  # uint8 [n, 3, S, S]: the decoded items' squares, in order
+
+
+@dataclass(frozen=True)
+class LoaderShape:
+    """How the decoding is spread: worker processes, images per chunk, chunks per worker in
+    flight (their pixels wait in shared memory, /dev/shm)."""
+
+    workers: int
+    chunk: int
+    prefetch: int | None  # None without workers
+
+
+_CHUNK_IMAGES = 16  # a worker's unit: a short sequential read, 5 MB of pixels at 336 px
+_SHM_SHARE = 0.5  # of the free /dev/shm, what the chunks in flight may take
+
+
+def loader_shape(workers: int, batch_size: int, image_size: int) -> LoaderShape:
+    """The decoding for ``workers`` processes feeding forward batches of ``batch_size``: two
+    batches in flight, fewer when /dev/shm cannot hold them, and decoding in this process
+    (with a warning) when it cannot hold one image per worker."""
+    chunk = min(batch_size, _CHUNK_IMAGES)
+    if workers == 0:
+        return LoaderShape(0, chunk, None)
+    prefetch = min(8, max(2, math.ceil(2 * batch_size / (workers * chunk))))
+    free = _shm_free_bytes()
+    if free is None:
+        return LoaderShape(workers, chunk, prefetch)
+    per_worker = int(free * _SHM_SHARE) // (3 * image_size**2) // workers  # images each
+    if per_worker < 1:
+        warnings.warn(
+            f"/dev/shm has only {free >> 20} MB free, too little to pass images between "
+            "processes: decoding in the main process instead (slower); raise the container's "
+            "--shm-size (e.g. docker run --shm-size=2g) to decode on --workers processes",
+            stacklevel=2,
+        )
+        return LoaderShape(0, chunk, None)
+    chunk = min(chunk, per_worker)
+    return LoaderShape(workers, chunk, max(1, min(prefetch, per_worker // chunk)))
+
+
+def _shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm, where DataLoader workers put the tensors they pass (None when
+    there is no /dev/shm to measure)."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def image_loader(
+    shard: ImageShard,
+    options: SquareOptions,
+    max_pixels: int,
+    shape: LoaderShape,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The shard's images decoded and squared by ``options``, as :class:`DecodedChunk` in shard
+    order. The shard is indexed here, once; each worker reads only its own runs."""
+    refs = shard.index()
+    runs = [refs[i : i + shape.chunk] for i in range(0, len(refs), shape.chunk)]
+    return DataLoader(
+        _SquaredImages(shard, runs, options, max_pixels), batch_size=None,
+        num_workers=shape.workers, worker_init_fn=_decoding_worker, pin_memory=pin_memory,
+        prefetch_factor=shape.prefetch,
+    )  # fmt: skip
+
+
+class _SquaredImages(Dataset):
+    """A shard's samples in runs of consecutive ones: item i is run i, read and decoded."""
 
     def __init__(
-        self, shard: ImageShard, options: SquareOptions, max_pixels: int, mean, std
-    ) -> None:
-        self.shard, self.options, self.max_pixels = shard, options, max_pixels
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        self, shard: ImageShard, runs: list[list[SampleRef]], options: SquareOptions,
+        max_pixels: int,
+    ) -> None:  # fmt: skip
+        self.shard, self.runs, self.options, self.max_pixels = shard, runs, options, max_pixels
 
-    def __iter__(self):
-        worker = get_worker_info()
-        part, parts = (worker.id, worker.num_workers) if worker else (0, 1)
-        for index, sample in enumerate(self.shard.samples()):
-            if index % parts != part:
-                continue
-            item = {"key": sample.key, "caption": sample.caption or "", "image": None,
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __getitem__(self, index: int) -> DecodedChunk:
+        items, squares = [], []
+        for sample in self.shard.read(self.runs[index]):
+            item = {"key": sample.key, "caption": sample.caption or "", "decoded": False,
                     "url": sample.meta.get("url"), "source": sample.source}  # fmt: skip
             if sample.duplicate:  # the first of a repeated key is kept: no decode
-                yield {**item, **duplicate_fields()}
+                items.append({**item, **duplicate_fields()})
                 continue
             result, square = make_square(sample.image, self.options, self.max_pixels)
-            tensor = None if square is None else normalized(square, self.mean, self.std)
-            yield {**item, "image": tensor, "status": result.status,
-                   "error_kind": result.error_kind, "error": result.error}  # fmt: skip
+            items.append({**item, "decoded": square is not None, "status": result.status,
+                          "error_kind": result.error_kind, "error": result.error})  # fmt: skip
+            if square is not None:
+                squares.append(pixels(square))
+        return DecodedChunk(items, _shared(torch.stack(squares)) if squares else None)
 
 
-def normalized(square: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """An RGB Pillow image -> the model's input tensor ``[3, H, W]``."""
-    pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8)
-    return (pixels.view(square.height, square.width, 3).permute(2, 0, 1) / 255.0 - mean) / std
+def _shared(images: torch.Tensor) -> torch.Tensor:
+    """``images`` in shared memory when on a worker: a full /dev/shm then fails here, where
+    the loader reports it, not in the queue's feeder thread, which would drop the chunk."""
+    return images.share_memory_() if get_worker_info() is not None else images
 
 
-def _collate(items: list[dict]) -> dict:
-    """Keep per-sample metadata as lists; stack the images that decoded (the rest: failures
-    and repeated keys)."""
-    decoded = [item for item in items if item["image"] is not None]
-    return {
-        "failed": [item for item in items if item["image"] is None],
-        "decoded": decoded,
-        "images": torch.stack([item["image"] for item in decoded]) if decoded else None,
-    }
+def pixels(square: Image.Image) -> torch.Tensor:
+    """An RGB Pillow image -> its pixels ``[3, H, W]`` uint8 (a view of a copy of its bytes)."""
+    data = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8)
+    return data.view(square.height, square.width, 3).permute(2, 0, 1)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels ``[..., 3, H, W]`` -> the model's input: scaled to [0, 1], minus the mean,
+    over the std (``mean``/``std`` shaped ``[3, 1, 1]``), in float32."""
+    return (images / 255.0 - mean) / std
+
+
+def _forward_batches(
+    chunks: Iterable[DecodedChunk], size: int, to_input: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[tuple[list[dict], list[dict], torch.Tensor | None]]:
+    """Regroup the chunks into forward batches of ``size`` decoded images (the last may hold
+    fewer): (items that did not decode, decoded items, their model inputs). The batches are the
+    same whatever the number of workers. ``to_input`` takes each chunk's pixels as they come
+    (to the device), so the chunks leave shared memory at once."""
+    failed: list[dict] = []
+    decoded: list[dict] = []
+    inputs: list[torch.Tensor] = []
+    for chunk in chunks:
+        failed += [item for item in chunk.items if not item["decoded"]]
+        decoded += [item for item in chunk.items if item["decoded"]]
+        if chunk.images is not None:
+            inputs.append(to_input(chunk.images))
+        while len(decoded) >= size:
+            images = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+            yield failed, decoded[:size], images[:size]
+            rest = images[size:]
+            failed, decoded, inputs = [], decoded[size:], [rest] if len(rest) else []
+    if failed or decoded:
+        yield failed, decoded, torch.cat(inputs) if inputs else None
 
 
 def _decoding_worker(worker_id: int) -> None:
@@ -234,31 +350,31 @@ class _ShardEncoder:
         self.options = SquareOptions(
             size=clip.image_size, pad_threshold=config.square.pad_threshold, fill=config.square.fill
         )
-        self.references = _reference_embeds(references, clip, features, self.options)
+        self.shape = loader_shape(config.workers, config.batch_size, clip.image_size)
+        self.mean = torch.tensor(clip.mean, device=clip.device).view(3, 1, 1)
+        self.std = torch.tensor(clip.std, device=clip.device).view(3, 1, 1)
+        self.references = self._reference_embeds(references)
 
     def encode(self, shard: ImageShard, out: Path, progress: Progress) -> None:
         config, clip = self.config, self.clip
         started = time.monotonic()
         files = ShardFiles(out, shard.name)
-        loader = DataLoader(
-            _SquaredImages(shard, self.options, config.max_pixels, clip.mean, clip.std),
-            batch_size=config.batch_size, num_workers=config.workers, collate_fn=_collate,
-            worker_init_fn=_decoding_worker, pin_memory=clip.device == "cuda",
-            prefetch_factor=4 if config.workers else None,
-        )  # fmt: skip
+        expected = expected_keys(shard.tar) if shard.tar is not None else None
+        marker = input_marker(shard)  # before reading: a rewrite meanwhile makes it stale
+        loader = image_loader(shard, self.options, config.max_pixels, self.shape,
+                              pin_memory=clip.device == "cuda")  # fmt: skip
         writer = FeatureShardWriter(
             out / f"{shard.name}.h5", self.features.side**2, clip.width, clip.embed_dim, self.attrs
         )
         records: list[dict] = []
-        expected = expected_keys(shard.tar) if shard.tar is not None else None
-        marker = input_marker(shard)  # before reading: a rewrite meanwhile makes it stale
         try:
-            for batch in _batches(loader, shard):
-                for item in batch["failed"]:
+            chunks = _chunks(loader, shard)
+            for failed, decoded, images in _forward_batches(chunks, config.batch_size, self._input):
+                for item in failed:
                     records.append(_record(item, item["status"]))
                     progress.record(item["status"], item["error_kind"], 0)
-                if batch["images"] is not None:
-                    records += self._encode_batch(batch, writer, progress)
+                if decoded:
+                    records += self._encode_batch(decoded, images, writer, progress)
             check_tar_complete(shard.tar, expected, {r["key"] for r in records})
             writer.close()
         except BaseException:
@@ -270,10 +386,16 @@ class _ShardEncoder:
         stats = shard_stats(shard.name, records, time.monotonic() - started, marker, sizes)
         atomic_write_json(files.stats, stats)
 
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the model's input on its device (from pinned memory on a GPU: the
+        copy overlaps with the forward)."""
+        images = images.to(self.clip.device, non_blocking=True)
+        return normalize(images, self.mean, self.std).to(self.clip.dtype)
+
     def _encode_batch(
-        self, batch: dict, writer: FeatureShardWriter, progress: Progress
-    ) -> list[dict]:
-        images = batch["images"].to(self.clip.device, self.clip.dtype, non_blocking=True)
+        self, decoded: list[dict], images: torch.Tensor, writer: FeatureShardWriter,
+        progress: Progress,
+    ) -> list[dict]:  # fmt: skip
         tokens, embeds = self.features(images)
         if self.references is not None:
             similarity = (embeds @ self.references.T).max(dim=1).values.cpu().tolist()
@@ -282,33 +404,60 @@ class _ShardEncoder:
         keep = [s is None or s < self.config.placeholder_threshold for s in similarity]
         kept = [i for i, k in enumerate(keep) if k]
         first = writer.append(
-            [batch["decoded"][i]["key"] for i in kept],
-            [batch["decoded"][i]["caption"] for i in kept],
+            [decoded[i]["key"] for i in kept],
+            [decoded[i]["caption"] for i in kept],
             tokens[kept].to(torch.float16).cpu().numpy(),
             embeds[kept].to(torch.float16).cpu().numpy(),
         )
         records = []
         rows = iter(range(first, first + len(kept)))
-        for item, is_kept, score in zip(batch["decoded"], keep, similarity, strict=True):
+        for item, is_kept, score in zip(decoded, keep, similarity, strict=True):
             status = SUCCESS if is_kept else PLACEHOLDER
             records.append(_record(item, status, score, next(rows) if is_kept else None))
             progress.record(status, None if is_kept else "placeholder", 0)
         return records
 
+    def _reference_embeds(self, references: dict[str, bytes]) -> torch.Tensor | None:
+        """Unit CLIP embeddings of the references, made exactly like the data's."""
+        if not references:
+            return None
+        squares = [
+            make_square(data, self.options, _REFERENCE_MAX_PIXELS)[1]
+            for data in references.values()
+        ]
+        return self.features(self._input(torch.stack([pixels(square) for square in squares])))[1]
 
-def _batches(loader: DataLoader, shard: ImageShard) -> Iterator[dict]:
-    """The loader's batches; a decoding worker that dies (the OOM killer) stops the run with
-    one line instead of a DataLoader traceback. The shard is redone on the rerun."""
+
+_REFERENCE_MAX_PIXELS = 10**9  # references are the user's own files
+
+
+def _chunks(loader: DataLoader, shard: ImageShard) -> Iterator[DecodedChunk]:
+    """The loader's chunks; a decoding worker that dies (the OOM killer, a full /dev/shm)
+    stops the run with one line instead of a DataLoader traceback. The shard is redone on the
+    rerun."""
     try:
         yield from loader
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
+        if any(sign in str(e) for sign in _SHM_FULL):
+            free = _shm_free_bytes()
+            raise MachineFailure(
+                f"the decoding workers ran out of shared memory while encoding shard {shard.name} "
+                f"(/dev/shm: {'?' if free is None else free >> 20} MB free); raise the "
+                "container's --shm-size (e.g. docker run --shm-size=2g) or lower --workers, and "
+                "rerun the same command to resume"
+            ) from None
         raise MachineFailure(
             f"a decoding worker died while encoding shard {shard.name} "
             f"({str(e).splitlines()[0][:120]}); it was likely killed for memory: lower "
             "--workers or --batch-size and rerun the same command to resume"
         ) from None
+
+
+# How a full /dev/shm shows: torch's failed allocation, or a worker killed by SIGBUS when it
+# touches a page tmpfs cannot back.
+_SHM_FULL = ("No space left on device", "shared memory", "Bus error")
 
 
 def _record(
@@ -320,21 +469,6 @@ def _record(
         "error": item["error"] if status != SUCCESS else None,
         "placeholder_similarity": similarity, "row": row, "source": item["source"],
     }  # fmt: skip
-
-
-def _reference_embeds(
-    references: dict[str, bytes], clip: LoadedClip, features: PatchFeatures, options: SquareOptions
-) -> torch.Tensor | None:
-    """Unit CLIP embeddings of the references, made exactly like the data's."""
-    if not references:
-        return None
-    mean, std = torch.tensor(clip.mean).view(3, 1, 1), torch.tensor(clip.std).view(3, 1, 1)
-    squares = [make_square(data, options, _REFERENCE_MAX_PIXELS)[1] for data in references.values()]
-    batch = torch.stack([normalized(square, mean, std) for square in squares])
-    return features(batch.to(clip.device, clip.dtype))[1]
-
-
-_REFERENCE_MAX_PIXELS = 10**9  # references are the user's own files
 
 
 def _write_manifest(out: Path, names: list[str], attrs: dict) -> None:

@@ -52,7 +52,6 @@ from vlmdata.pipeline.shards import (
     SUCCESS,
     ShardFiles,
     ShardWriter,
-    read_state_json,
     reopen_for_retry,
     shard_name,
 )
@@ -142,7 +141,7 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
     )  # fmt: skip
 
     def shards(stage: Stage) -> Iterator[Shard]:
-        # Finished shards come through the reader as empty tables: no row conversion.
+        # Finished shards come through the reader as empty tables, their rows unread.
         wanted = lambda i: not stage.is_complete(shard_name(i))  # noqa: E731
         return source.shards(config.shard_size, wanted=wanted)
 
@@ -156,11 +155,12 @@ def _reopen_retryable_shards(stage: Stage) -> int:
         p.name.removesuffix(".stats.json") for p in stage.output_dir.glob("*.stats.json")
     )
     for name in names:
-        if not stage.is_complete(name):
+        stats = stage.complete_stats(name)
+        if stats is None:
             continue  # unfinished shards are resumed anyway; strays are not shards
-        files = stage.shard_files(name)
-        if RETRYABLE_KINDS & set(read_state_json(files.stats).get("error_kind", {})):
-            total += reopen_for_retry(files, set(RETRYABLE_KINDS))
+        if RETRYABLE_KINDS & set(stats.get("error_kind", {})):
+            total += reopen_for_retry(stage.shard_files(name), set(RETRYABLE_KINDS))
+            stage.forget(name)
     return total
 
 

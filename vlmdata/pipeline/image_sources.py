@@ -1,7 +1,9 @@
 """Image sources for the stages that read images: shard tars (vlmdata's own or img2dataset's
 webdataset output) or a plain folder of images with optional same-name ``.txt`` captions.
 
-Tars are streamed member by member, so a shard never has to fit in memory. A tar keeps its
+A shard is read in two steps: :meth:`ImageShard.index` lists its samples (a tar's member
+headers only, or a folder's files) and :meth:`ImageShard.read` reads the bytes of any run of
+them, so several processes can share one shard and every byte is read once. A tar keeps its
 keys (webdataset's rule: the member path without its extension) and, when its name is a number,
 its shard number; a plain folder is cut into shards of ``shard_size`` files in sorted order,
 keyed by position like a URL list's rows. A folder holds one or the other, never both.
@@ -17,9 +19,10 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from vlmdata.errors import UserError
 from vlmdata.pipeline.imageops import IMAGE_EXTENSIONS
@@ -44,6 +47,26 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Span:
+    """A tar member's data: ``size`` bytes at ``offset``."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's bytes are, as :meth:`ImageShard.index` found them."""
+
+    key: str
+    source: str  # tar member or file path
+    image: Span | Path  # a tar member's data, or an image file (its caption is beside it)
+    caption: Span | None = None  # the tar's KEY.txt
+    meta: Span | None = None  # the tar's KEY.json
+    duplicate: bool = False  # see Sample.duplicate
+
+
+@dataclass(frozen=True)
 class ImageShard:
     """One unit of work: a tar, or a run of files of a plain folder."""
 
@@ -54,14 +77,30 @@ class ImageShard:
 
     def samples(self) -> Iterator[Sample]:
         """The shard's samples in order (tar entries without an image are skipped)."""
+        return self.read(self.index())
+
+    def index(self) -> list[SampleRef]:
+        """Where each sample of the shard is, in order: one pass over a tar's member headers
+        (its data is skipped, not read), or the folder's files."""
         if self.tar is not None:
-            yield from _tar_samples(self.tar)
+            return _tar_index(self.tar)
+        # A file name need not be UTF-8 (the source is made so); the file still reads.
+        return [
+            SampleRef(row_key(self.start + offset), _text(str(path)), path)
+            for offset, path in enumerate(self.files)
+        ]
+
+    def read(self, refs: Sequence[SampleRef]) -> Iterator[Sample]:
+        """The samples of ``refs`` (from :meth:`index`), read in order: a run of consecutive
+        refs is one forward sweep over the tar."""
+        if self.tar is None:
+            for ref in refs:
+                yield Sample(ref.key, ref.image.read_bytes(), _caption_beside(ref.image), {},
+                             ref.source)  # fmt: skip
             return
-        for offset, path in enumerate(self.files):
-            yield Sample(
-                row_key(self.start + offset), path.read_bytes(), _caption_beside(path), {},
-                _text(str(path)),  # a file name need not be UTF-8; the file still reads
-            )  # fmt: skip
+        with open(self.tar, "rb", buffering=0) as tar:  # exact reads: no read-ahead to discard
+            for ref in refs:
+                yield _tar_sample(tar, ref, self.tar)
 
 
 def find_image_shards(input_dir: Path, shard_size: int) -> list[ImageShard]:
@@ -165,16 +204,21 @@ class _Group:
     """The members of one sample being gathered: consecutive members with one key."""
 
     key: str
-    data: dict[str, bytes] = field(default_factory=dict)  # extension -> bytes, wanted ones
+    data: dict[str, Span] = field(default_factory=dict)  # extension -> data, wanted ones
     extensions: set[str] = field(default_factory=set)  # every one seen: a repeat is a new sample
 
 
-def _tar_samples(path: Path) -> Iterator[Sample]:
-    """A webdataset tar's samples: consecutive members grouped by key, repeats flagged."""
-    yielded: set[str] = set()  # keys of this shard so far: grows with keys, not images
+def _tar_index(path: Path) -> list[SampleRef]:
+    """A webdataset tar's samples: consecutive members grouped by key, repeats flagged.
+
+    tarfile seeks over each member's data and checks, before the next header, that the data
+    was all there: a tar cut inside a member is refused here, before any sample is read.
+    """
+    refs: list[SampleRef] = []
+    keys: set[str] = set()  # keys of this shard so far, for the repeats
     group: _Group | None = None
     try:
-        with tarfile.open(path, "r|") as tar:  # streaming: one member in memory at a time
+        with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for member in tar:
                 split = _member_key(member)
                 if split is None:
@@ -182,15 +226,35 @@ def _tar_samples(path: Path) -> Iterator[Sample]:
                 key, extension = split
                 if group is None or key != group.key or extension in group.extensions:
                     if group is not None:
-                        yield from _sample(group, path, yielded)
+                        refs += _sample_ref(group, path, keys)
                     group = _Group(key)
                 group.extensions.add(extension)
                 if extension in _SAMPLE_EXTENSIONS:
-                    group.data[extension] = tar.extractfile(member).read()
+                    group.data[extension] = Span(member.offset_data, member.size)
     except tarfile.TarError as e:
-        raise UserError(f"{path} is not a valid tar ({e}); rerun the stage that wrote it") from None
+        raise _not_a_valid_tar(path, e) from None
     if group is not None:
-        yield from _sample(group, path, yielded)
+        refs += _sample_ref(group, path, keys)
+    return refs
+
+
+def _not_a_valid_tar(path: Path, why: object) -> UserError:
+    return UserError(f"{path} is not a valid tar ({why}); rerun the stage that wrote it")
+
+
+def _tar_sample(tar: BinaryIO, ref: SampleRef, path: Path) -> Sample:
+    """The sample ``ref`` locates in the open ``tar``, its members read in file order."""
+    spans = {"image": ref.image, "caption": ref.caption, "meta": ref.meta}
+    data: dict[str, bytes] = {}
+    for name in sorted((n for n in spans if spans[n] is not None), key=lambda n: spans[n].offset):
+        tar.seek(spans[name].offset)
+        data[name] = tar.read(spans[name].size)
+        if len(data[name]) != spans[name].size:  # cut since it was indexed
+            raise _not_a_valid_tar(path, "unexpected end of data")
+    caption = data["caption"].decode("utf-8", "replace") if "caption" in data else None
+    return Sample(
+        ref.key, data["image"], caption, _meta(data.get("meta")), ref.source, ref.duplicate
+    )
 
 
 def _member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
@@ -215,20 +279,19 @@ def _member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
     return _text("/".join([*parts[:-1], stem])), extension.lower()
 
 
-def _sample(group: _Group, path: Path, yielded: set[str]) -> Iterator[Sample]:
+def _sample_ref(group: _Group, path: Path, keys: set[str]) -> list[SampleRef]:
     """The sample of ``group``, if it has an image."""
     extension = next((ext for ext in group.data if ext in IMAGE_EXTENSIONS), None)
     if extension is None:
-        return
+        return []
     key, repeat = group.key, 1
-    while key in yielded:  # a repeat: the first next free KEY#n (a real "a#2" may exist)
+    while key in keys:  # a repeat: the first next free KEY#n (a real "a#2" may exist)
         repeat += 1
         key = f"{group.key}#{repeat}"
-    yielded.add(key)
-    caption = group.data["txt"].decode("utf-8", "replace") if "txt" in group.data else None
+    keys.add(key)
     source = _text(f"{path.name}:{group.key}.{extension}")
-    meta = _meta(group.data.get("json"))
-    yield Sample(key, group.data[extension], caption, meta, source, duplicate=repeat > 1)
+    return [SampleRef(key, source, group.data[extension], group.data.get("txt"),
+                      group.data.get("json"), duplicate=repeat > 1)]  # fmt: skip
 
 
 def _meta(raw: bytes | None) -> dict:

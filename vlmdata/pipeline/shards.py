@@ -192,7 +192,7 @@ class ShardFiles:
 IMAGE_SHARD_FILES = (".tar", ".parquet")  # the data files of an image stage's shard
 # What a done shard of each stage holds beside its stats marker.
 STAGE_DATA_FILES = {"download": IMAGE_SHARD_FILES, "preprocess": IMAGE_SHARD_FILES,
-                    "encode": (".h5", ".parquet")}  # fmt: skip
+                    "encode": (".h5", ".parquet"), "labels": (".parquet",)}  # fmt: skip
 
 
 def complete_shard_stats(files: ShardFiles, data_files: tuple[str, ...]) -> dict | None:

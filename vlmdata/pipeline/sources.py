@@ -5,6 +5,10 @@ not), so memory stays flat however long the URL list is: a CapsFusion parquet fi
 loading it whole is how img2dataset runs out of memory. Rows are numbered across all input
 files in order; row *n* gets the key ``f"{n:09d}"`` and lands in shard ``n // shard_size``.
 
+A resume costs what is left to do, not what is done: a parquet file's row counts come from its
+metadata, so row groups that hold no row of an unfinished shard are skipped unread, and the
+input is identified by sizes, its first MiB and the parquet footers, never by hashing it all.
+
 URL lists are scraped, so their files are hostile but real. A file the user must fix (a csv
 quote never closed, a cut gzip, UTF-16) stops the read with one UserError line naming the file
 and line; odd *values* (invalid UTF-8, half an emoji) are repaired to U+FFFD and read on.
@@ -14,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import glob
 import gzip
 import hashlib
 import io
 import json
+import math
 import re
 import zlib
 from collections.abc import Callable, Generator, Iterator
@@ -47,6 +53,7 @@ TXT_COLUMN = "url"  # the single column of a plain URL list
 KEY_DIGITS = 9  # 113M CapsFusion rows fit; a longer list just gets longer keys
 _BATCH_ROWS = 8192
 _FINGERPRINT_BYTES = 1 << 20
+_PARQUET_TAIL = 8  # a parquet file ends with its footer's length (4 bytes LE) and b"PAR1"
 _SNIFF_BYTES = 4096  # enough of a file's head to tell its encoding
 _GZIP_MAGIC = b"\x1f\x8b"
 # Guards that keep memory flat on a file that is not what it claims: no caption is 1 MiB or
@@ -123,6 +130,17 @@ class Shard:
         for offset, row in enumerate(rows):
             row["key"] = row_key(self.start + offset)
         return rows
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """``count`` consecutive input rows: read into ``table``, or passed over unread (None)."""
+
+    count: int
+    table: pa.Table | None
+
+    def head(self, count: int) -> _Rows:
+        return _Rows(count, None if self.table is None else self.table.slice(0, count))
 
 
 class UrlSource:
@@ -215,14 +233,19 @@ class UrlSource:
         return self.limit
 
     def fingerprint(self) -> dict:
-        """What identifies this input: file names, sizes and a hash of their first MiB."""
+        """What identifies this input, read without reading the rows: per file its name,
+        size and a hash of its first MiB, and for parquet a hash of its footer (the row
+        groups' sizes, offsets and statistics). Modification times are left out on purpose:
+        a copied or rsynced input still resumes."""
         files = []
         for path, fmt in zip(self.files, self.formats, strict=True):
             with open(path, "rb") as f:
                 head = hashlib.sha256(f.read(_FINGERPRINT_BYTES)).hexdigest()
-            files.append(
-                {"name": path.name, "format": fmt, "size": path.stat().st_size, "head_sha256": head}
-            )
+            entry = {"name": path.name, "format": fmt, "size": path.stat().st_size,
+                     "head_sha256": head}  # fmt: skip
+            if fmt == "parquet":
+                entry["footer_sha256"] = _parquet_footer_sha256(path)
+            files.append(entry)
         return {
             "files": files,
             "url_col": self.url_col,
@@ -239,50 +262,67 @@ class UrlSource:
         """Stream the input as shards of ``shard_size`` rows (the last one may be shorter).
 
         Shards for which ``wanted(index)`` is False are still counted (keys never move) but
-        are yielded with an empty table, so skipping finished work costs no row conversion.
+        are yielded with an empty table. Their rows are not converted, and a parquet row group
+        that holds rows of unwanted shards only is not even read (its row count comes from the
+        file's metadata); a group that straddles a wanted shard is read once and sliced.
         """
         schema = self.output_schema()
-        pending: list[pa.Table] = []
-        pending_rows = 0
-        start = 0
-        for table in self._batches(schema):
-            pending.append(table)
-            pending_rows += table.num_rows
-            while pending_rows >= shard_size:
-                merged = pa.concat_tables(pending)
-                index = start // shard_size
-                head = merged.slice(0, shard_size) if wanted(index) else merged.slice(0, 0)
-                yield Shard(index, start, head.combine_chunks())
-                start += shard_size
-                rest = merged.slice(shard_size)
-                pending, pending_rows = [rest], rest.num_rows
-        if pending_rows:
-            index = start // shard_size
-            merged = pa.concat_tables(pending)
-            yield Shard(index, start, merged if wanted(index) else merged.slice(0, 0))
+        wanted = functools.cache(wanted)  # asked per row group and per shard: once each
+
+        def needed(start: int, stop: int) -> bool:
+            """Whether rows ``[start, stop)`` of the input hold a row of a wanted shard."""
+            stop = stop if self.limit is None else min(stop, self.limit)
+            last = math.ceil(stop / shard_size)
+            return any(wanted(i) for i in range(start // shard_size, last))
+
+        index, filled, parts = 0, 0, []  # the shard being cut, its rows so far, their tables
+        for rows in self._rows(schema, needed):
+            offset = 0
+            while offset < rows.count:
+                take = min(rows.count - offset, shard_size - filled)
+                if wanted(index):
+                    parts.append(rows.table.slice(offset, take))
+                offset += take
+                filled += take
+                if filled == shard_size:
+                    yield _cut(index, shard_size, parts, schema)
+                    index, filled, parts = index + 1, 0, []
+        if filled:
+            yield _cut(index, shard_size, parts, schema)
 
     def output_schema(self) -> pa.Schema:
         """The schema of the tables :meth:`shards` yields."""
         return pa.schema([("url", pa.string()), ("caption", pa.string()), *self.keep_schema])
 
-    def _batches(self, schema: pa.Schema) -> Iterator[pa.Table]:
-        remaining = self.limit
+    def _rows(self, schema: pa.Schema, needed: Callable[[int, int], bool]) -> Iterator[_Rows]:
+        """Every input row in order, up to --limit; parquet row groups holding no ``needed``
+        row are passed over unread."""
+        start = 0
         for path, fmt in zip(self.files, self.formats, strict=True):
-            for table in self._file_batches(path, fmt, schema):
-                if remaining is not None:
-                    if table.num_rows >= remaining:
-                        yield table.slice(0, remaining)
-                        return
-                    remaining -= table.num_rows
-                yield table
+            if fmt == "parquet":
+                runs = self._parquet_rows(path, schema, start, needed)
+            else:
+                runs = (_Rows(t.num_rows, t) for t in self._text_batches(path, fmt, schema))
+            for rows in runs:
+                if self.limit is not None and start + rows.count >= self.limit:
+                    yield rows.head(self.limit - start)
+                    return
+                yield rows
+                start += rows.count
 
-    def _file_batches(self, path: Path, fmt: str, schema: pa.Schema) -> Iterator[pa.Table]:
-        if fmt == "parquet":
-            columns = [self.url_col] + ([self.caption_col] if self.caption_col else [])
-            columns += [c for c in self.keep_cols if c not in columns]
-            for batch in _parquet_batches(path, columns):
-                yield _normalise(pa.Table.from_batches([batch]), self, schema, path)
-            return
+    def _parquet_rows(
+        self, path: Path, schema: pa.Schema, start: int, needed: Callable[[int, int], bool]
+    ) -> Iterator[_Rows]:
+        """The rows of a parquet file whose first row is input row ``start``."""
+        columns = [self.url_col] + ([self.caption_col] if self.caption_col else [])
+        columns += [c for c in self.keep_cols if c not in columns]
+        for count, batch in _parquet_batches(path, columns, start, needed):
+            if batch is None:
+                yield _Rows(count, None)
+            else:
+                yield _Rows(count, _normalise(pa.Table.from_batches([batch]), self, schema, path))
+
+    def _text_batches(self, path: Path, fmt: str, schema: pa.Schema) -> Iterator[pa.Table]:
         records = _text_records(path, fmt)
         while True:
             batch = _take(records, _BATCH_ROWS)
@@ -298,22 +338,50 @@ class UrlSource:
             yield pa.table(columns, schema=schema)
 
 
+def _cut(index: int, shard_size: int, parts: list[pa.Table], schema: pa.Schema) -> Shard:
+    """Shard ``index`` from the tables of its rows; an unwanted shard has none: empty."""
+    table = pa.concat_tables(parts).combine_chunks() if parts else schema.empty_table()
+    return Shard(index, index * shard_size, table)
+
+
 # -- parquet ----------------------------------------------------------------------------------
 
 
-def _parquet_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``columns``; a damaged file is a UserError naming the row reached."""
+def _parquet_batches(
+    path: Path, columns: list[str], start: int, needed: Callable[[int, int], bool]
+) -> Iterator[tuple[int, pa.RecordBatch | None]]:
+    """``(rows, batch)`` pairs of ``columns`` in order, the file's first row being input row
+    ``start``. A row group whose input rows ``[a, b)`` are not ``needed(a, b)`` comes as one
+    ``(rows, None)``, unread. A damaged file is a UserError naming the row reached."""
     rows = 0
     try:
         parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-            yield batch
-            rows += batch.num_rows
+        for group in range(parquet.num_row_groups):
+            count = parquet.metadata.row_group(group).num_rows
+            if not needed(start + rows, start + rows + count):
+                yield count, None
+                rows += count
+                continue
+            for batch in parquet.iter_batches(_BATCH_ROWS, row_groups=[group], columns=columns):
+                yield batch.num_rows, batch
+                rows += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         raise UserError(
             f"cannot read {path.name} after row {rows} ({one_line(e)}); the file is damaged: "
             "re-download or re-write it"
         ) from None
+
+
+def _parquet_footer_sha256(path: Path) -> str:
+    """A hash of a parquet file's footer: its schema and every row group's sizes, offsets and
+    statistics, so a rewritten file of the same size and head is told apart from the old."""
+    with open(path, "rb") as f:
+        size = f.seek(0, io.SEEK_END)
+        f.seek(max(0, size - _PARQUET_TAIL))
+        tail = f.read()
+        length = int.from_bytes(tail[:4], "little") + _PARQUET_TAIL
+        f.seek(max(0, size - length))
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _normalise(table: pa.Table, source: UrlSource, schema: pa.Schema, path: Path) -> pa.Table:
@@ -630,5 +698,3 @@ def _file_schema(path: Path, fmt: str) -> pa.Schema | None:
     if names is None:
         return None
     return pa.schema([(str(name), pa.string()) for name in dict.fromkeys(names)])
-
-
