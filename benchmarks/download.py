@@ -1,6 +1,7 @@
 """Download benchmark: vlmdata vs the bare-aiohttp ceiling vs img2dataset, in one run.
 
     python benchmarks/download.py [--images 2000] [--processes N] [--img2dataset PATH]
+                                  [--resize-only | --resume-only]
 
 Generates a corpus of JPEGs (200-1600 px, 10 % extreme aspect ratios), serves it from a
 separate process on 127.0.0.1 and measures, on the same corpus and process count:
@@ -14,6 +15,16 @@ separate process on 127.0.0.1 and measures, on the same corpus and process count
 Then peak RSS of ``vlmdata download`` over URL lists of growing length (default up to
 1,000,000 rows) whose URLs the SSRF guard refuses without a packet sent: the whole row path
 (read, shard, record, write) runs at full speed, so memory growth with input size would show.
+
+Then how ``--resize 448`` scales with ``--processes`` (``--resize-processes``, default 1 and
+2; ``--resize-only`` runs it alone): images/s and CPU an image, for the whole run and in
+steady state (while the server sends the 25th to the 90th percent of the images: start-up
+and the tail left out), the latter by kind of process, read from /proc as the run goes (the
+parent that reads the input and counts rows, the event-loop processes, the resize workers).
+img2dataset ``--resize_mode center_crop --image_size 448`` runs at the same process counts
+when it is found. From those per-image costs, a model of 16 and 64 cores: the CPU bound with
+one process per core against a network bound at 1 and 10 Gbit/s for the corpus's mean image
+size.
 
 Then what a rerun costs as the input grows (``--resume-rows``, default 50,000 and 5,000,000;
 ``--no-resume`` skips it, ``--resume-only`` runs it alone): a CapsFusion-like parquet (an image
@@ -34,6 +45,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -42,6 +54,8 @@ import tarfile
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 import numpy as np
@@ -83,17 +97,22 @@ def build_corpus(directory: Path, count: int) -> list[Path]:
     return paths
 
 
-def start_corpus_server(corpus: list[Path]) -> tuple[multiprocessing.Process, list[str]]:
-    """Serve ``corpus`` from its own process on 127.0.0.1; return the process and the URLs."""
+def start_corpus_server(
+    corpus: list[Path], served: Synchronized | None = None
+) -> tuple[multiprocessing.Process, list[str]]:
+    """Serve ``corpus`` from its own process on 127.0.0.1; return the process and the URLs.
+    ``served`` (a shared integer from the spawn context) counts the images sent."""
     ctx = multiprocessing.get_context("spawn")
     ports: multiprocessing.Queue = ctx.Queue()
-    server = ctx.Process(target=serve, args=(str(corpus[0].parent), ports), daemon=True)
+    server = ctx.Process(target=serve, args=(str(corpus[0].parent), ports, served), daemon=True)
     server.start()
     port = ports.get(timeout=60)
     return server, [f"http://127.0.0.1:{port}/i/{p.name}" for p in corpus]
 
 
-def serve(directory: str, port_queue: multiprocessing.Queue) -> None:
+def serve(
+    directory: str, port_queue: multiprocessing.Queue, served: Synchronized | None = None
+) -> None:
     """The corpus server (its own process): every file held in memory, served as image/jpeg."""
     from aiohttp import web
 
@@ -103,6 +122,8 @@ def serve(directory: str, port_queue: multiprocessing.Queue) -> None:
         data = files.get(request.match_info["name"])
         if data is None:
             raise web.HTTPNotFound()
+        if served is not None:
+            served.value += 1  # this process alone writes it
         return web.Response(body=data, content_type="image/jpeg")
 
     async def main() -> None:
@@ -176,16 +197,22 @@ def vlmdata_command(url_list: Path, out: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "vlmdata", "download", str(url_list), str(out), "--quiet", *flags]
 
 
-def img2dataset_command(exe: str, url_list: Path, out: Path, args: argparse.Namespace) -> list[str]:
-    """img2dataset with settings matching vlmdata's: original bytes, webdataset, same workers."""
+def img2dataset_command(
+    exe: str, url_list: Path, out: Path, args: argparse.Namespace,
+    processes: int | None = None, resize: int | None = None,
+) -> list[str]:  # fmt: skip
+    """img2dataset with settings matching vlmdata's: original bytes (or, with ``resize``,
+    centre-cropped squares re-encoded as JPEG), webdataset, same workers."""
     options = {
         "url_list": url_list, "input_format": "parquet", "url_col": "image_url",
         "caption_col": "capsfusion", "output_format": "webdataset", "output_folder": out,
-        "processes_count": args.processes, "thread_count": args.concurrency,
+        "processes_count": processes or args.processes, "thread_count": args.concurrency,
         "resize_mode": "no", "disable_all_reencoding": True,
         "number_sample_per_shard": args.shard_size, "retries": 0, "timeout": 20,
         "enable_wandb": False, "distributor": "multiprocessing",
     }  # fmt: skip
+    if resize:
+        options.update(resize_mode="center_crop", disable_all_reencoding=False, image_size=resize)
     return [exe, *(part for k, v in options.items() for part in (f"--{k}", str(v)))]
 
 
@@ -200,6 +227,200 @@ def measure_rss(tmp: Path, row_counts: list[int]) -> None:
         rss = peak_rss_mb(vlmdata_command(listing, out))
         print(f"{rows:>14}{rss:>14.0f}{time.perf_counter() - started:>10.1f}", flush=True)
         shutil.rmtree(out)
+
+
+# -- --resize across processes ----------------------------------------------------------------
+
+_RESIZE = 448
+_TICK = os.sysconf("SC_CLK_TCK")
+_POLL_S = 0.1
+_ROLES = ("parent", "event loops", "resize workers")
+_CORES = (16, 64)
+_NETWORK_GBIT = (1, 10)
+_WEB_REQUEST_S = 0.5  # an assumed time per request on the web (DNS, connect, TLS, body)
+
+
+def process_tree(root: int) -> dict[int, tuple[int, float, bytes]]:
+    """``root`` and its descendants: pid -> (depth below root, CPU seconds so far, cmdline)."""
+    found, todo = {}, [(root, 0)]
+    while todo:
+        pid, depth = todo.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue  # gone meanwhile
+        found[pid] = (depth, (int(fields[11]) + int(fields[12])) / _TICK, cmdline)
+        todo += [(int(child), depth + 1) for child in children]
+    return found
+
+
+@dataclass
+class Run:
+    """One measured run: wall time and CPU in all, and in steady state by role."""
+
+    images: int
+    elapsed_s: float  # interpreter start to exit
+    cpu_s: float  # every process of the run, start-up included (exact: reaped children)
+    steady_rate: float  # images/s while 25 % to 90 % of the images were sent
+    steady_cpu: dict[str, float]  # CPU seconds an image by role over the same stretch
+
+
+def measure(
+    command: list[str], processes: int, served: Synchronized, images: int, env: dict | None = None
+) -> Run:
+    """Run ``command`` while reading its processes' CPU from /proc and the server's count.
+
+    A vlmdata download with one process is the event loop, its spawned children the resize
+    workers; with more, the first process is the parent, its children the loops and theirs the
+    workers; multiprocessing's resource tracker counts as the parent. Steady state is the
+    stretch from the first look after 25 % of the images were sent to the last before 90 %:
+    start-up (interpreter, imports, pools) and the tail are left out."""
+    loops = 0 if processes == 1 else 1
+
+    def role(depth: int, cmdline: bytes) -> str:
+        if depth == loops and b"resource_tracker" not in cmdline:
+            return "event loops"
+        if depth == loops + 1 and b"spawn_main" in cmdline:
+            return "resize workers"
+        return "parent"
+
+    seen: dict[int, tuple[str, float]] = {}  # pid -> role, CPU seconds so far
+    samples = []  # (time, images sent, CPU seconds by role)
+    served.value = 0
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    while process.poll() is None:
+        count = served.value
+        for pid, (depth, seconds, cmdline) in process_tree(process.pid).items():
+            # An exited child waiting to be reaped shows its CPU, but no command line.
+            seen[pid] = (seen[pid][0] if pid in seen else role(depth, cmdline), seconds)
+        by_role = dict.fromkeys(_ROLES, 0.0)
+        for name, seconds in seen.values():
+            by_role[name] += seconds
+        samples.append((time.perf_counter(), count, by_role))
+        time.sleep(_POLL_S)
+    elapsed = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"{command[0]} failed:\n{process.stderr.read().decode()[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime"))
+    first = next(s for s in samples if s[1] >= 0.25 * images)
+    last = [s for s in samples if s[1] <= 0.9 * images][-1]
+    sent = last[1] - first[1]
+    steady = {name: (last[2][name] - first[2][name]) / sent for name in _ROLES}
+    return Run(images, elapsed, cpu, sent / (last[0] - first[0]), steady)
+
+
+def parent_cost_per_row(tmp: Path, rows: tuple[int, int] = (20_000, 200_000)) -> float:
+    """CPU seconds the parent of ``--processes 2`` spends on a row (reading the input, passing
+    shards on, counting outcomes), over URLs the SSRF guard refuses without a packet sent, so
+    that rows go by fast enough to show it; the difference of two list lengths."""
+    cpu = []
+    for count in rows:
+        listing = tmp / f"refused-{count}.txt"
+        listing.write_text("".join(f"http://127.0.0.1:9/{i}.jpg\n" for i in range(count)))
+        out = tmp / f"refused-{count}"
+        parent = 0.0
+        command = vlmdata_command(listing, out, "--processes", "2")
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while process.poll() is None:  # the parent alone: its CPU until it exits
+            parent = process_tree(process.pid).get(process.pid, (0, parent))[1]
+            time.sleep(_POLL_S)
+        cpu.append(parent)
+        shutil.rmtree(out)
+    return (cpu[1] - cpu[0]) / (rows[1] - rows[0])
+
+
+def measure_resize_scaling(tmp: Path, args: argparse.Namespace, process_counts: list[int]) -> None:
+    """``download --resize 448`` at each process count (and img2dataset's equivalent), then a
+    model of the rate on 16 and 64 cores against the network."""
+    corpus = build_corpus(Path(args.corpus), args.images)
+    n = len(corpus)
+    mean_bytes = sum(p.stat().st_size for p in corpus) / n
+    served = multiprocessing.get_context("spawn").Value("q", 0, lock=False)
+    server, urls = start_corpus_server(corpus, served)
+    url_list = tmp / "resize-urls.parquet"
+    captions = [f"caption {i}" for i in range(n)]
+    pq.write_table(pa.table({"image_url": urls, "capsfusion": captions}), url_list)
+    asyncio.run(ceiling(urls[:50], args.concurrency))  # warm the server
+    # Small enough shards that every process has work through the steady stretch.
+    shard_size = max(1, min(args.shard_size, n // (4 * max(process_counts))))
+    print(f"\n--resize {_RESIZE}: {n} JPEGs, mean {mean_bytes / 1e3:.0f} kB, concurrency "
+          f"{args.concurrency}, shard size {shard_size}, {os.cpu_count()} cores here "
+          "(the server shares them)")  # fmt: skip
+    runs: dict[str, Run] = {}
+    for processes in process_counts:
+        out = tmp / f"resize-{processes}"
+        flags = ["--allow-private-network", "--resize", str(_RESIZE), "--processes",
+                 str(processes), "--concurrency", str(args.concurrency), "--shard-size",
+                 str(shard_size)]  # fmt: skip
+        runs[f"vlmdata --processes {processes}"] = measure(
+            vlmdata_command(url_list, out, *flags), processes, served, n
+        )
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["status"].get("success") == n, stats
+        shutil.rmtree(out)
+    if args.img2dataset:
+        same = argparse.Namespace(**{**vars(args), "shard_size": shard_size})
+        quiet = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        for processes in process_counts:
+            out = tmp / f"img2dataset-resize-{processes}"
+            command = img2dataset_command(args.img2dataset, url_list, out, same, processes,
+                                          resize=_RESIZE)  # fmt: skip
+            run = measure(command, processes, served, n, quiet)
+            run.steady_cpu = {"all processes": sum(run.steady_cpu.values())}
+            runs[f"img2dataset processes_count {processes}"] = run
+            assert count_tar_images(out) == n
+            shutil.rmtree(out)
+    server.terminate()
+
+    print(f"\n{'':<32}{'images/s':>17}{'CPU ms an image':>18}")
+    print(f"{'run':<32}{'in all':>8}{'steady':>9}{'in all':>9}{'steady':>9}   steady, by process")
+    for name, run in runs.items():
+        steady = sum(run.steady_cpu.values())
+        roles = ", ".join(f"{role} {1000 * s:.2f}" for role, s in run.steady_cpu.items() if s)
+        print(f"{name:<32}{run.images / run.elapsed_s:>8.0f}{run.steady_rate:>9.0f}"
+              f"{1000 * run.cpu_s / run.images:>9.2f}{1000 * steady:>9.2f}   {roles}")  # fmt: skip
+    if not args.img2dataset:
+        print("img2dataset: not found (pass --img2dataset PATH to compare)")
+    widest = runs[f"vlmdata --processes {max(process_counts)}"]
+    model_cores(widest.steady_cpu, parent_cost_per_row(tmp), mean_bytes)
+
+
+def model_cores(cpu: dict, parent_per_row: float, mean_bytes: float) -> None:
+    """The expected rate on bigger machines from the per-image costs of one run: one process
+    per core (each with one resize worker), all CPU spread over the cores, except the parent's
+    per-row work, which one process does for all; against the network at a few line rates."""
+    per_image = sum(cpu.values())
+    parent_cap = 1 / parent_per_row
+    print(f"\nModel: --processes = cores, {1000 * per_image:.1f} CPU ms an image; the parent, "
+          f"one process for all, {1e6 * parent_per_row:.1f} us a row (at most "
+          f"{parent_cap:,.0f} rows/s); network: {mean_bytes / 1e3:.0f} kB an image")  # fmt: skip
+    header = f"{'cores':>6}{'CPU bound':>11}"
+    for gbit in _NETWORK_GBIT:
+        header += f"{f'{gbit} Gbit/s':>11}{'expected':>10}  {'bound by':<9}"
+    print(header)
+    fastest = 0.0
+    for cores in _CORES:
+        cpu_bound = min(cores / per_image, parent_cap)
+        line = f"{cores:>6}{cpu_bound:>11,.0f}"
+        for gbit in _NETWORK_GBIT:
+            network = gbit * 1e9 / 8 / mean_bytes
+            side = "network" if network <= cpu_bound else "CPU"
+            line += f"{network:>11,.0f}{min(network, cpu_bound):>10,.0f}  {side:<9}"
+            fastest = max(fastest, min(network, cpu_bound))
+        print(line)
+    print(
+        f"In flight it takes (Little's law, at {_WEB_REQUEST_S:g} s a web request): "
+        f"{fastest:,.0f} images/s need --concurrency >= {fastest * _WEB_REQUEST_S:,.0f}."
+    )
+    share = cpu["event loops"] / per_image
+    print(f"One event loop spends {1000 * cpu['event loops']:.2f} ms an image ({share:.0%} of "
+          f"the CPU): one process (the default) keeps ~{1 / share:.0f} cores busy at most, so "
+          f"give --processes at least cores / {max(1, int(1 / share))}.")  # fmt: skip
 
 
 # -- what a rerun costs as the input grows ----------------------------------------------------
@@ -293,11 +514,11 @@ def seconds_to_first_request(command: list[str], server: FirstRequestServer) -> 
 
 
 def forget_last_shard(out: Path) -> None:
-    """Make ``out`` look like a run killed while its last shard was being downloaded."""
-    last = max(p.name.split(".")[0] for p in out.glob("*.stats.json") if p.name[0].isdigit())
-    for path in out.glob(f"{last}.*"):
-        path.unlink()
+    """Make ``out`` look like a run killed while its last shard was being downloaded (the same
+    shard every time: the last the run planned, whether or not a repeat already removed it)."""
     root = json.loads((out / "stats.json").read_text())
+    for path in out.glob(f"{root['shard_names'][-1]}.*"):
+        path.unlink()
     (out / "stats.json").write_text(json.dumps({**root, "complete": False}))
 
 
@@ -405,15 +626,20 @@ def main() -> None:
     parser.add_argument("--no-resume", action="store_true", help="skip the rerun measurements")
     parser.add_argument("--resume-only", action="store_true", help="only the rerun measurements")
     parser.add_argument("--resume-repeats", type=int, default=3, help="best of this many")
+    parser.add_argument("--resize-processes", default="1,2", help="'' skips the --resize runs")
+    parser.add_argument("--resize-only", action="store_true", help="only the --resize runs")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        if not args.resume_only:
+        if not (args.resume_only or args.resize_only):
             measure_throughput(tmp, args)
             if args.rss_rows:
                 measure_rss(tmp, [int(n) for n in args.rss_rows.split(",")])
-        if not args.no_resume:
+        if args.resize_processes and not args.resume_only:
+            counts = [int(n) for n in args.resize_processes.split(",")]
+            measure_resize_scaling(tmp, args, counts)
+        if not (args.no_resume or args.resize_only):
             measure_resume(tmp, [int(n) for n in args.resume_rows.split(",")], args.resume_repeats)
 
 

@@ -406,3 +406,15 @@ def test_the_module_installs_no_signal_handler_in_the_parent():
     distribute(record_pid_nowhere, iter(range(2)), 2, Recorder())
     assert {s: signal.getsignal(s) for s in before} == before
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # SIGINT blocked only briefly
+
+
+def record_in_bulk(shards: Iterator, progress) -> None:
+    """Report each shard's rows (the shard is their number) in one call."""
+    for shard in shards:
+        progress.record_many("success", shard)
+
+
+def test_rows_recorded_in_bulk_in_a_worker_reach_the_parent():
+    progress = Recorder()
+    distribute(record_in_bulk, iter([3, 1000]), 2, progress)
+    assert progress.records == [("success", None, 0)] * 1003

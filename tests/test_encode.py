@@ -23,7 +23,7 @@ from conftest import make_image
 from vlmdata.cli import app
 from vlmdata.encode.models import load_clip
 from vlmdata.encode.placeholders import builtin_placeholders
-from vlmdata.encode.stage import EncodeConfig, normalize, pixels, run_encode
+from vlmdata.encode.stage import EncodeConfig, _ShardEncoder, normalize, pixels, run_encode
 from vlmdata.errors import UserError
 from vlmdata.pipeline.imageops import SquareOptions, make_square
 
@@ -163,6 +163,40 @@ def test_local_weights_file_is_used(photos, tmp_path):
     ):
         assert not np.allclose(a["embeds"][:], b["embeds"][:])
         assert len(a.attrs["weights_sha256"]) == 64
+
+
+def test_a_moved_weights_file_still_resumes(photos, tmp_path):
+    """The plan compares a weights file by its sha256, not by where it lies."""
+    clip = load_clip(TINY, "none", "cpu", "fp32")
+    weights = tmp_path / "weights.pt"
+    torch.save(clip.model.state_dict(), weights)
+    out = tmp_path / "features"
+    with pytest.warns(UserWarning, match="unrecognised weights file"):
+        encode(photos, out, pretrained=str(weights), placeholder_filter=False)
+    (out / "stats.json").unlink()  # a run killed before its end
+    moved = tmp_path / "elsewhere.pt"
+    weights.rename(moved)
+    with pytest.warns(UserWarning, match="unrecognised weights file"):
+        assert encode(photos, out, pretrained=str(moved), placeholder_filter=False)
+    torch.save({k: v + 1 for k, v in clip.model.state_dict().items()}, weights)
+    with pytest.raises(UserError, match="--pretrained weights with sha256"):
+        encode(photos, out, pretrained=str(weights), placeholder_filter=False)
+
+
+def test_a_failure_in_the_forward_stops_the_decoding_workers_at_once(photos, tmp_path, monkeypatch):
+    """The workers hold the output's lock: kept alive by a traceback someone keeps (IPython's
+    last error, a test's pytest.raises), they would lock out the retry in the same process."""
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(_ShardEncoder, "_encode_batch", out_of_memory)
+    out = tmp_path / "features"
+    with pytest.raises(RuntimeError, match="out of memory") as kept:
+        encode(photos, out, workers=2, placeholder_filter=False)
+    monkeypatch.undo()
+    assert encode(photos, out, workers=2, placeholder_filter=False).totals["rows"] == 11
+    del kept
 
 
 @pytest.mark.parametrize(

@@ -179,11 +179,42 @@ def test_links_devices_and_odd_names_neither_escape_nor_crash(tmp_path):
     assert keys == ["0003", "0005", "abs/0006", "a/0007", "0010"]
 
 
-def test_a_damaged_tar_is_one_user_error(tmp_path):
+@pytest.mark.parametrize("cut", ["first data", "last data", "last padding"])
+def test_a_damaged_tar_is_one_user_error(tmp_path, cut):
     tar = write_tar(tmp_path / "in" / "00000.tar", [("0001.jpg", JPEG), ("0002.jpg", JPEG)])
-    tar.write_bytes(tar.read_bytes()[:700])  # cut inside the first member's data
+    with tarfile.open(tar) as t:
+        last = t.getmembers()[-1]
+    assert last.size % 512, "the last member needs padding to cut into"
+    end = {"first data": 700, "last data": last.offset_data + last.size - 1,
+           "last padding": last.offset_data + last.size + 1}[cut]  # fmt: skip
+    tar.write_bytes(tar.read_bytes()[:end])
+    (shard,) = find_image_shards(tar.parent, shard_size=10)
     with pytest.raises(UserError, match="not a valid tar"):
-        samples_of(tar)
+        shard.index()  # before any sample is read
+
+
+def test_runs_read_apart_are_the_samples_of_one_pass(tmp_path):
+    members = []
+    for i in range(7):
+        members += [(f"{i % 5:04d}.jpg", make_image(30 + i, 20, seed=i)),  # 0000, 0001 repeat
+                    (f"{i % 5:04d}.txt", f"c{i}".encode()),
+                    (f"{i % 5:04d}.json", b'{"url": "u%d"}' % i)]  # fmt: skip
+    (shard,) = find_image_shards(write_tar(tmp_path / "in" / "0.tar", members).parent, 10)
+    whole = list(shard.samples())
+    assert [(s.key, s.duplicate) for s in whole][-2:] == [("0000#2", True), ("0001#2", True)]
+    refs = shard.index()
+    apart = [s for i in (6, 4, 0, 2) for s in shard.read(refs[i : i + 2])]  # any order, any run
+    assert sorted(apart, key=lambda s: s.key) == sorted(whole, key=lambda s: s.key)
+
+
+def test_a_tar_cut_after_indexing_is_one_user_error(tmp_path):
+    tar = write_tar(tmp_path / "in" / "00000.tar", [("0001.jpg", JPEG), ("0002.jpg", JPEG)])
+    (shard,) = find_image_shards(tar.parent, shard_size=10)
+    refs = shard.index()
+    os.truncate(tar, refs[1].image.offset + 5)
+    assert [s.key for s in shard.read(refs[:1])] == ["0001"]  # what is there still reads
+    with pytest.raises(UserError, match=r"00000\.tar is not a valid tar \(unexpected end of"):
+        list(shard.read(refs[1:]))
 
 
 # --- text that can be written anywhere -------------------------------------------------------

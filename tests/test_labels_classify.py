@@ -84,7 +84,7 @@ def write_features(
         atomic_write_json(files.stats, shard_stats(name, rows, 0.0, None, sizes))
         names.append(name)
     atomic_write_json(out / "plan.json", {"stage": "encode", "input": {"test": str(out)},
-                                          **per_shard[0]})  # fmt: skip
+                                          "embed_dim": EMBED_DIM, **per_shard[0]})  # fmt: skip
     atomic_write_json(out / "stats.json", {"rows": start - key_offset, "shard_names": names,
                                            "complete": complete})  # fmt: skip
     return out
@@ -125,7 +125,8 @@ def test_noisy_copies_of_description_embeddings_get_those_descriptions(
     assert (embeds * description_embeddings[truth]).sum(1).max() < 0.9995  # really noisy
     features = write_features(tmp_path / "features", [embeds[:25].numpy(), embeds[25:].numpy()])
     out = tmp_path / "labels"
-    classify(features, out, taxonomy, top_k=len(DESCRIPTIONS), batch_size=7)
+    summary = classify(features, out, taxonomy, top_k=len(DESCRIPTIONS), batch_size=7)
+    assert summary.rows_this_run == summary.images_this_run == 40  # counted chunk by chunk
     table = labels_of(out).to_pylist()
     assert [r["description"] for r in table] == [DESCRIPTIONS[i] for i in truth]
     assert [r["category"] for r in table] == [CATEGORY[DESCRIPTIONS[i]] for i in truth]
@@ -197,6 +198,25 @@ def test_a_shard_encoded_again_is_labelled_again(tmp_path, taxonomy):
     assert (out / "00001.stats.json").read_bytes() == kept
 
 
+def test_a_failed_write_stops_the_run_and_leaves_its_shard_undone(tmp_path, taxonomy):
+    """Shard files are written on a thread while the next shard is labelled: its error must
+    end the run, as it would in line."""
+    features = write_features(tmp_path / "features", [unit_rows(5, seed) for seed in range(3)])
+    out = tmp_path / "labels"
+    classify(features, out, taxonomy)
+    whole = labels_of(out)
+    for name in ("00001", "00002"):  # two shards to do again
+        (out / f"{name}.stats.json").unlink()
+    (out / ".00001.parquet.tmp").mkdir()  # where shard 00001's parquet is written: it fails
+    with pytest.raises(OSError):
+        classify(features, out, taxonomy)
+    assert not (out / "00001.stats.json").exists() and not (out / "00002.stats.json").exists()
+    assert not json.loads((out / "stats.json").read_text())["complete"]
+    (out / ".00001.parquet.tmp").rmdir()
+    classify(features, out, taxonomy)  # the rerun does the rest
+    assert labels_of(out) == whole
+
+
 def test_labels_taxonomy_prints_and_exports_the_default(tmp_path):
     printed = runner.invoke(app, ["labels", "taxonomy"])
     assert printed.exit_code == 0, printed.output
@@ -256,11 +276,6 @@ def test_refusals(tmp_path, taxonomy, weights_features):
          f"with {TINY}; drop --model or pass {TINY}"),
         (features, {"top_k": 10}, "--top-k 10 is more than the taxonomy's 9 descriptions"),
         (features, {"top_k": 0}, "--top-k must be at least 1"),
-        (write_features(tmp_path / "mixed", [unit_rows(2), unit_rows(2)],
-                        [RANDOM_ATTRS, {"model": TINY, "pretrained": "x.pt",
-                                        "weights_sha256": "ab" * 32}]),
-         {}, "mixes features of two models (00000.h5: tiny-random-clip (random), 00001.h5: "
-         "tiny-random-clip (abababababababab)); label the features of one model at a time"),
     ]  # fmt: skip
     for source, options, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
@@ -269,6 +284,20 @@ def test_refusals(tmp_path, taxonomy, weights_features):
     with pytest.raises(UserError, match="holds a download output, not encode features"):
         classify(plain, tmp_path / "out", taxonomy)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_features_of_two_models_are_refused_at_the_odd_shard(tmp_path, taxonomy):
+    """The model is the encode plan's (no .h5 is opened to find it); each shard's attributes
+    are checked as it is labelled."""
+    mixed = write_features(tmp_path / "mixed", [unit_rows(2), unit_rows(2)],
+                           [RANDOM_ATTRS, {"model": TINY, "pretrained": "x.pt",
+                                           "weights_sha256": "ab" * 32}])  # fmt: skip
+    message = ("mixes features of two models (00001.h5: tiny-random-clip (abababababababab), "
+               "its plan.json: tiny-random-clip (random)); label the features of one model at "
+               "a time")  # fmt: skip
+    with pytest.raises(UserError, match=re.escape(message)):
+        classify(mixed, tmp_path / "out", taxonomy)
+    assert not ShardFiles(tmp_path / "out", "00001").stats.exists()
 
 
 def test_unfinished_encode_with_allow_incomplete(tmp_path, taxonomy):

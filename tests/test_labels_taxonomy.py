@@ -3,13 +3,18 @@ of a malformed file with its one-line message, digests and the export round trip
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import stat
 import sys
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from vlmdata.cli import app
 from vlmdata.errors import UserError
 from vlmdata.labels.taxonomy import (
     Taxonomy,
@@ -125,6 +130,10 @@ def test_yaml_file_loads_like_json(tmp_path):
             "key 2019 is not text; put it in quotes",
         ),
         ("- animals\n- maps\n", "top level must be an object"),
+        (
+            'categories:\n  animals: ["a cat \\ud800"]\n',
+            "description 1 of 'animals', 'a cat \\ud800', holds half a character",
+        ),
     ],
 )
 def test_yaml_refusals(tmp_path, text, expected):
@@ -165,6 +174,8 @@ def test_yaml_without_pyyaml_says_how_to_fix(tmp_path, monkeypatch):
         ),
         ({"categories": {"animals": ["a cat"], "Animals": ["a dog"]}}, "'Animals' appears twice"),
         ('{"categories": {"animals": ["a cat"], "animals": ["a dog"]}}', "'animals' appears twice"),
+        ('{"name": "mine \\udc80", "categories": {"a": ["a cat"]}}', "\"name\", 'mine \\udc80'"),
+        ('{"categories": {"a": [1' + "0" * 5000 + "]}}", "holds a number of more than"),
     ],
 )
 def test_json_refusals(tmp_path, content, expected):
@@ -206,6 +217,37 @@ def test_export_round_trips(tmp_path):
         path = write(tmp_path, "exported.json", taxonomy_json(taxonomy))
         assert load_taxonomy(path) == taxonomy
         assert load_taxonomy(path).digest == taxonomy.digest
+
+
+def test_export_writes_into_a_fifo_in_place(tmp_path):
+    """``--out`` that is no regular file (a FIFO here; /dev/stdout, a device) is written in
+    place, as a shell's ``>`` would: a rename would put a regular file where it was."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    # Read and write ends held here: the export's open never waits for a reader, and the pipe
+    # holds all of it (the default taxonomy is under 64 KiB; the buffer is made larger still).
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 17)
+        result = CliRunner().invoke(app, ["labels", "taxonomy", "--out", str(fifo)])
+        assert result.exit_code == 0, result.output
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+        chunks = []
+        while True:
+            try:
+                chunks.append(os.read(fd, 1 << 17))
+            except BlockingIOError:
+                break  # all that was written is read
+    finally:
+        os.close(fd)
+    assert json.loads(b"".join(chunks)) == json.loads(taxonomy_json(load_taxonomy()))
+
+
+def test_export_to_a_directory_or_nowhere_is_refused(tmp_path):
+    for out, expected in ((tmp_path, "is a directory"), ("", "--out is empty")):
+        result = CliRunner().invoke(app, ["labels", "taxonomy", "--out", str(out)])
+        assert result.exit_code == 2 and expected in result.stderr, result.output
+    assert list(tmp_path.iterdir()) == []  # no temporary file left in the directory
 
 
 # --- templates ----------------------------------------------------------------------------------

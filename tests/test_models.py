@@ -257,3 +257,17 @@ def test_patch_features_remove_the_hook_when_the_forward_fails():
     with pytest.raises(RuntimeError):
         features(torch.zeros(1, 5, clip.image_size, clip.image_size))  # 5 channels: fails
     assert not clip.model.visual.transformer.resblocks[0]._forward_hooks
+
+
+# --- 6. random weights without touching the caller's random state ---------------------------
+
+
+def test_random_weights_are_seeded_without_touching_the_global_rng():
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = load_clip(TINY, "none", "cpu", "fp32")
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's draws go on as before
+    torch.rand(1000)  # another state before the second load: its weights are the same
+    second = load_clip(TINY, "none", "cpu", "fp32")
+    weights, again = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(weights[name], again[name]) for name in weights)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -54,7 +56,9 @@ def write_parquet(
 
 
 def damage_row_group(path: Path, group: int) -> None:
-    """Overwrite the page headers of every column chunk of row group ``group``."""
+    """Overwrite the page headers of every column chunk of row group ``group``, keeping the
+    file's times (a resume would refuse a touched input before reading a row)."""
+    times = path.stat()
     meta = pq.ParquetFile(path).metadata.row_group(group)
     with open(path, "r+b") as f:
         for c in range(meta.num_columns):
@@ -63,6 +67,7 @@ def damage_row_group(path: Path, group: int) -> None:
             assert offset > 1 << 20  # past the head the fingerprint hashes
             f.seek(offset)
             f.write(b"\xff" * 64)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def config(input: Path, out: Path, **overrides) -> DownloadConfig:
@@ -234,16 +239,30 @@ def test_an_input_rewritten_to_the_same_size_and_head_is_told_apart(tmp_path):
         run_download(config(path, out, limit=10))
 
 
-def test_a_copied_input_still_resumes(tmp_path):
+def test_a_copied_input_resumes_when_its_times_are_kept(tmp_path):
     path = write_parquet(tmp_path / "urls.parquet", range(ROWS))
     out = tmp_path / "out"
     run_download(config(path, out))
     copy = tmp_path / "elsewhere" / "urls.parquet"
     copy.parent.mkdir()
-    shutil.copyfile(path, copy)  # a new inode and modification time, the same bytes
+    shutil.copy2(path, copy)  # cp -p, rsync -a: a new inode, the same bytes and times
     assert run_download(config(copy, out)).nothing_to_do
-    fingerprint = json.loads((out / "plan.json").read_text())["input"]["files"][0]
-    assert "mtime" not in json.dumps(fingerprint)
+
+
+def test_an_input_touched_since_is_refused_with_the_way_back(tmp_path):
+    """Same size, head and footer but another time: a copy without -p, or an edit in place
+    that kept the footer. The refusal names the file and how to restore its time."""
+    path = write_parquet(tmp_path / "urls.parquet", range(ROWS))
+    out = tmp_path / "out"
+    run_download(config(path, out))
+    recorded = path.stat().st_mtime_ns
+    os.utime(path, ns=(recorded + 10**9, recorded + 10**9))
+    with pytest.raises(UserError, match=r"urls.parquet was modified since .*touch -d @") as error:
+        run_download(config(path, out))
+    seconds, fraction = re.search(r"touch -d @(\d+)\.(\d{9}) ", str(error.value)).groups()
+    restored = int(seconds) * 10**9 + int(fraction)  # what touch -d @SECONDS.NANOS does
+    os.utime(path, ns=(restored, restored))
+    assert run_download(config(path, out)).nothing_to_do
 
 
 # -- each shard marker read once a look --------------------------------------------------------
@@ -269,3 +288,15 @@ def test_a_resume_reads_each_finished_shard_marker_once_and_once_at_the_end(tmp_
     reads.clear()
     assert run_download(config(path, out)).nothing_to_do
     assert reads == {f"{i:05d}.stats.json": 1 for i in range(14)}
+
+
+def test_an_output_fingerprinted_by_an_older_vlmdata_is_refused_saying_so(tmp_path):
+    path = write_parquet(tmp_path / "urls.parquet", range(ROWS))
+    out = tmp_path / "out"
+    run_download(config(path, out))
+    plan = json.loads((out / "plan.json").read_text())
+    for entry in plan["input"]["files"]:
+        del entry["mtime_ns"], entry["footer_sha256"]
+    (out / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="made by an older vlmdata"):
+        run_download(config(path, out))

@@ -108,7 +108,7 @@ def test_unwanted_shards_are_counted_but_empty(tmp_path):
 def test_limit_takes_the_first_rows(tmp_path):
     source = UrlSource(str(write(tmp_path / "u.csv", "csv")), limit=12)
     assert len(all_rows(source)) == 12
-    assert source.total_rows() == 12
+    assert source.total_rows() is None  # a text file's length is unknown until it is read
 
 
 def test_missing_column_lists_the_columns(tmp_path):

@@ -22,6 +22,7 @@ import typer
 
 from vlmdata import __version__
 from vlmdata.errors import MachineFailure, UserError
+from vlmdata.pipeline.distributor import default_download_processes, usable_cpus
 
 E = TypeVar("E", bound=BaseException)
 
@@ -219,8 +220,12 @@ def download(
     ] = 20_000_000,
     max_pixels: MaxPixels = 100_000_000,
     processes: Annotated[
-        int, typer.Option(help="Download processes, each an event loop over whole shards.")
-    ] = 1,
+        int,
+        typer.Option(
+            help="Download processes, each an event loop over whole shards; default: a quarter "
+            "of the usable CPUs (one loop keeps ~4 cores busy with --resize)."
+        ),
+    ] = default_download_processes(),
     limit: Annotated[int | None, typer.Option(help="Only the first N rows of the input.")] = None,
     allow_private_network: Annotated[
         bool,
@@ -316,7 +321,7 @@ def preprocess(
     shard_size: ShardSize = 10_000,
     processes: Annotated[
         int, typer.Option(help="Worker processes, each squaring whole shards.")
-    ] = os.cpu_count() or 1,
+    ] = usable_cpus(),
     allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
 ) -> None:
@@ -362,9 +367,15 @@ def encode(
     ] = "64",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, fp16 (GPU) or bf16.")] = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (GPU: bf16 autocast where native, else fp16; CPU: fp32), fp32, "
+            "fp16 (GPU) or bf16."
+        ),
+    ] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader processes decoding images.")] = min(
-        4, os.cpu_count() or 1
+        4, usable_cpus()
     ),
     reference: Annotated[
         list[str] | None,
@@ -505,18 +516,75 @@ def labels_taxonomy(
 def _export_default_taxonomy(out: str | None) -> str:
     """The default taxonomy's JSON, or the line saying where it was written."""
     from vlmdata.labels.taxonomy import load_taxonomy, taxonomy_json
-    from vlmdata.pipeline.shards import atomic_write_bytes
+    from vlmdata.pipeline.shards import write_named_file
 
     taxonomy = load_taxonomy(None)
     text = taxonomy_json(taxonomy).rstrip("\n")
     if out is None:
         return text
+    if not out:
+        raise UserError("--out is empty; pass a file path such as taxonomy.json, or drop --out")
+    if Path(out).is_dir():
+        example = Path(out) / "taxonomy.json"
+        raise UserError(f"--out {out} is a directory; pass a file path such as {example}")
     try:
-        atomic_write_bytes(Path(out), text.encode() + b"\n")
+        write_named_file(Path(out), text.encode() + b"\n")
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror or e}); pass a writable path") from None
     return (f"wrote the default taxonomy ({len(taxonomy.categories)} categories, "
             f"{len(taxonomy.descriptions)} descriptions) to {out}")  # fmt: skip
+
+
+@labels_app.command("report")
+def labels_report(
+    labels_dir: Annotated[
+        str, typer.Argument(help="The output directory of vlmdata labels classify.")
+    ],
+    images: Annotated[
+        str,
+        typer.Option(
+            help="The image shards the features were made from (download or preprocess output)."
+        ),
+    ],
+    out: Annotated[
+        str | None, typer.Option(help="Where the report goes; default: LABELS_DIR/report.")
+    ] = None,
+    categories: Annotated[
+        int, typer.Option(help="Most frequent categories shown with example thumbnails.")
+    ] = 8,
+    examples: Annotated[int, typer.Option(help="Example thumbnails per category.")] = 12,
+    least_confident: Annotated[
+        int, typer.Option(help="Thumbnails of the least confident labels.")
+    ] = 24,
+    placeholders: Annotated[
+        int, typer.Option(help="Thumbnails of the placeholder category, at most.")
+    ] = 48,
+    placeholder_category: Annotated[
+        str, typer.Option(help="The taxonomy's category for 'image not available' stand-ins.")
+    ] = "image not available",
+    allow_incomplete: AllowIncomplete = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write an HTML report (charts, thumbnails by category) of a labelled dataset."""
+    from vlmdata.labels.report import ReportConfig, run_report
+
+    def stage():
+        return run_report(
+            ReportConfig(
+                labels_dir=labels_dir,
+                images=images,
+                out=out,
+                categories=categories,
+                examples=examples,
+                least_confident=least_confident,
+                placeholders=placeholders,
+                placeholder_category=placeholder_category,
+                allow_incomplete=allow_incomplete,
+                quiet=quiet,
+            )
+        )
+
+    run_command(stage)
 
 
 if __name__ == "__main__":

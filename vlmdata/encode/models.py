@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -62,11 +64,9 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
     On a GPU, fp16 and bf16 run as autocast: the weights stay fp32 and the ops autocast keeps
     in fp32 (layer norms, softmax) stay there. On CPU the weights themselves are cast.
     """
-    import open_clip
     import torch
 
-    _register_builtin_configs()
-    if name not in open_clip.list_models():
+    if not known_model(name):
         raise UserError(
             f"unknown --model {name!r}; use an open_clip model name (e.g. ViT-L-14-336, ViT-B-32) "
             f"or {TINY_RANDOM_CLIP}"
@@ -88,15 +88,17 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
             "alike to it (use --no-placeholder-filter or a placeholder threshold near 1)",
             stacklevel=2,
         )
-        torch.manual_seed(0)  # the same random model in every run, so caches stay comparable
         pretrained = "random"
     elif Path(pretrained).is_file():
-        weights_file, digest = Path(pretrained), _sha256(Path(pretrained))
+        # Recorded absolute: a relative path would be looked up from wherever it is read.
+        weights_file = Path(os.path.abspath(pretrained))
+        pretrained, digest = str(weights_file), file_sha256(weights_file)
         options = _options_for_weights_file(name, digest)
     else:
         options = _options_for_tag(name, pretrained)
         tag = pretrained
-    model = _create_model(name, tag, device, options)
+    with _seeded_rng(device):  # the same random model in every run: caches stay comparable
+        model = _create_model(name, tag, device, options)
     if weights_file is not None:
         _load_weights_file(model, weights_file, name)
     wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -112,6 +114,14 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
         embed_dim=visual.output_dim, mean=tuple(visual.image_mean), std=tuple(visual.image_std),
         device=device, dtype=dtype, autocast=autocast,
     )  # fmt: skip
+
+
+def known_model(name: str) -> bool:
+    """Whether open_clip (with vlmdata's built-in configs) knows the model ``name``."""
+    import open_clip
+
+    _register_builtin_configs()
+    return name in open_clip.list_models()
 
 
 def resolve_device(device: str, precision: str) -> str:
@@ -143,6 +153,21 @@ def resolve_precision(precision: str, device: str) -> str:
     # Ampere and later: older GPUs emulate bf16, slower than their fp16.
     native_bf16 = torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability()[0] >= 8
     return "bf16" if native_bf16 else "fp16"
+
+
+@contextmanager
+def _seeded_rng(device: str) -> Iterator[None]:
+    """torch's random generators seeded with 0 inside, as the caller had them afterwards: the
+    CPU one (open_clip builds on CPU, then moves), and the current GPU's when ``device`` is
+    cuda (in case the weights are drawn there)."""
+    import torch
+
+    cuda = device == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        torch.random.default_generator.manual_seed(0)
+        if cuda:
+            torch.cuda.manual_seed(0)  # the current device only: the others are not restored
+        yield
 
 
 @cache
@@ -384,7 +409,8 @@ def _hub_offline_mode() -> bool:
     return bool(is_offline() if callable(is_offline) else constants.HF_HUB_OFFLINE)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of the file at ``path``, read in 16 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):

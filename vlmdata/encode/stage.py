@@ -44,6 +44,7 @@ from vlmdata.pipeline.runner import (
     run_stage,
 )
 from vlmdata.pipeline.shards import (
+    PLAN,
     RECORD_SCHEMA,
     STAGE_DATA_FILES,
     SUCCESS,
@@ -121,6 +122,8 @@ def run_encode(config: EncodeConfig) -> RunSummary:
     check_ownership(out, "encode")
     device = resolve_device(config.device, config.precision)
     precision = resolve_precision(config.precision, device)
+    if config.precision == "auto":  # before the model loads
+        _check_auto_precision(out, images.fingerprint, precision, device)
     references = {} if not config.placeholder_filter else {
         **builtin_placeholders(), **load_references(list(config.references))
     }  # fmt: skip
@@ -138,7 +141,9 @@ def run_encode(config: EncodeConfig) -> RunSummary:
             "pad_threshold": config.square.pad_threshold,
             "fill": list(config.square.fill),
             "max_pixels": config.max_pixels,
-            **attrs,
+            # A weights file is the same weights wherever it lies: its sha256 is compared,
+            # not its path (moved, or named relative to another directory, it still resumes).
+            **{k: v for k, v in attrs.items() if k != "pretrained" or not attrs["weights_sha256"]},
         },
         inputs=[source],
         data_files=STAGE_DATA_FILES["encode"],
@@ -157,6 +162,27 @@ def run_encode(config: EncodeConfig) -> RunSummary:
             encoder.encode(shard, out, progress)
 
     return run_stage(stage, lambda stage: images.shards, work)
+
+
+def _check_auto_precision(out: Path, input_fingerprint: dict, precision: str, device: str) -> None:
+    """Refuse to resume an output in another precision than it was made with because
+    ``--precision auto`` resolves differently here (another GPU, or none): one cache, one
+    precision. The flag that goes on with it is named."""
+    previous = read_state_json(out / PLAN, missing_ok=True)
+    if previous is None or previous.get("input") != input_fingerprint:
+        return  # a new output, or another input: the plan check says what is wrong
+    before = previous.get("precision")
+    if before in (None, precision):
+        return
+    fix = (
+        "resume it on a GPU (fp16 does not run on CPU)"
+        if before == "fp16" and device == "cpu"
+        else f"pass --precision {before} to go on with it"
+    )
+    raise UserError(
+        f"{out} was made with --precision {before}, and --precision auto means {precision} "
+        f"on this machine ({device}); {fix}, or use another directory"
+    )
 
 
 def _attributes(
@@ -199,6 +225,9 @@ class DecodedChunk(NamedTuple):
 
     items: list[dict]  # per sample, in order: what its parquet row needs, and "decoded"
     images: torch.Tensor | None  # uint8 [n, 3, S, S]: the decoded items' squares, in order
+    # A UserError's one line (a tar cut since it was indexed), passed as data: raised from a
+    # worker, DataLoader would wrap it in the worker's traceback.
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +258,7 @@ def loader_shape(workers: int, batch_size: int, image_size: int) -> LoaderShape:
     per_worker = int(free * _SHM_SHARE) // (3 * image_size**2) // workers  # images each
     if per_worker < 1:
         warnings.warn(
-            f"/dev/shm has only {free >> 20} MB free, too little to pass images between "
+            f"/dev/shm has only {_size(free)} free, too little to pass images between "
             "processes: decoding in the main process instead (slower); raise the container's "
             "--shm-size (e.g. docker run --shm-size=2g) to decode on --workers processes",
             stacklevel=2,
@@ -247,6 +276,10 @@ def _shm_free_bytes() -> int | None:
     except OSError:
         return None
     return stats.f_bavail * stats.f_frsize
+
+
+def _size(count: int) -> str:
+    return f"{count >> 20} MB" if count >= 1 << 20 else f"{count >> 10} KB"
 
 
 def image_loader(
@@ -280,8 +313,14 @@ class _SquaredImages(Dataset):
         return len(self.runs)
 
     def __getitem__(self, index: int) -> DecodedChunk:
+        try:
+            return self._decode(self.runs[index])
+        except UserError as e:
+            return DecodedChunk([], None, str(e))
+
+    def _decode(self, run: list[SampleRef]) -> DecodedChunk:
         items, squares = [], []
-        for sample in self.shard.read(self.runs[index]):
+        for sample in self.shard.read(run):
             item = {"key": sample.key, "caption": sample.caption or "", "decoded": False,
                     "url": sample.meta.get("url"), "source": sample.source}  # fmt: skip
             if sample.duplicate:  # the first of a repeated key is kept: no decode
@@ -367,8 +406,8 @@ class _ShardEncoder:
             out / f"{shard.name}.h5", self.features.side**2, clip.width, clip.embed_dim, self.attrs
         )
         records: list[dict] = []
+        chunks = _chunks(loader, shard)
         try:
-            chunks = _chunks(loader, shard)
             for failed, decoded, images in _forward_batches(chunks, config.batch_size, self._input):
                 for item in failed:
                     records.append(_record(item, item["status"]))
@@ -380,6 +419,8 @@ class _ShardEncoder:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            chunks.close()  # the decoding workers stop now, whatever happened
         records.sort(key=lambda r: r["key"])
         write_parquet_atomic(files.parquet, pa.Table.from_pylist(records, schema=ENCODE_SCHEMA))
         sizes = data_sizes(files, STAGE_DATA_FILES["encode"])
@@ -433,30 +474,50 @@ _REFERENCE_MAX_PIXELS = 10**9  # references are the user's own files
 
 def _chunks(loader: DataLoader, shard: ImageShard) -> Iterator[DecodedChunk]:
     """The loader's chunks; a decoding worker that dies (the OOM killer, a full /dev/shm)
-    stops the run with one line instead of a DataLoader traceback. The shard is redone on the
-    rerun."""
+    stops the run with one line instead of a DataLoader traceback, and so does a worker's
+    UserError (a tar cut since it was indexed). The shard is redone on the rerun.
+
+    However the iteration ends (done, failed, or closed by a failure in the caller), the
+    loader's iterator is dropped at once: its workers hold this run's output lock, and must
+    stop now, not whenever a traceback that reaches them is collected."""
+    chunks = iter(loader)
+    failure: Exception | None = None
     try:
-        yield from loader
+        for chunk in chunks:
+            if chunk.error is not None:
+                failure = UserError(chunk.error)
+                break
+            yield chunk
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
-        if any(sign in str(e) for sign in _SHM_FULL):
-            free = _shm_free_bytes()
-            raise MachineFailure(
-                f"the decoding workers ran out of shared memory while encoding shard {shard.name} "
-                f"(/dev/shm: {'?' if free is None else free >> 20} MB free); raise the "
-                "container's --shm-size (e.g. docker run --shm-size=2g) or lower --workers, and "
-                "rerun the same command to resume"
-            ) from None
-        raise MachineFailure(
-            f"a decoding worker died while encoding shard {shard.name} "
-            f"({str(e).splitlines()[0][:120]}); it was likely killed for memory: lower "
-            "--workers or --batch-size and rerun the same command to resume"
-        ) from None
+        failure = _worker_failure(e, shard)
+    finally:
+        del chunks
+    if failure is not None:
+        raise failure
 
 
-# How a full /dev/shm shows: torch's failed allocation, or a worker killed by SIGBUS when it
-# touches a page tmpfs cannot back.
+def _worker_failure(error: RuntimeError, shard: ImageShard) -> MachineFailure:
+    """The one line for a decoding worker that died or could not hand its images over."""
+    if any(sign in str(error) for sign in _SHM_FULL):
+        free = _shm_free_bytes()
+        return MachineFailure(
+            f"the decoding workers ran out of shared memory while encoding shard {shard.name} "
+            f"(/dev/shm: {'?' if free is None else _size(free)} free); raise the container's "
+            "--shm-size (e.g. docker run --shm-size=2g) or lower --workers, and rerun the same "
+            "command to resume"
+        )
+    return MachineFailure(
+        f"a decoding worker died while encoding shard {shard.name} "
+        f"({str(error).splitlines()[0][:120]}); it was likely killed for memory: lower "
+        "--workers or --batch-size and rerun the same command to resume"
+    )
+
+
+# How a full /dev/shm shows: torch's failed allocation ("unable to write to file </torch_...>:
+# No space left on device", "unable to allocate shared memory(shm)"), or a worker killed by
+# SIGBUS for a page tmpfs cannot back, when torch's handler (not its timeout) reports the death.
 _SHM_FULL = ("No space left on device", "shared memory", "Bus error")
 
 

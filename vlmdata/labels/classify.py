@@ -3,14 +3,17 @@
 Per feature shard ``NNNNN.h5``: its embeddings are read in chunks and labelled against the
 taxonomy's text embeddings (:mod:`vlmdata.labels.zeroshot`); ``NNNNN.parquet`` gets one row per
 key of the ``.h5``, in its row order, and ``NNNNN.stats.json`` (counts per category and per
-description) marks the shard done. The text embeddings are made once, on the first shard to
-do, and cached in the output directory. A killed run redoes only its unfinished shards.
+description, and of the images left unlabelled: a NaN or inf embedding) marks the shard done;
+both are written on a thread while the next shard is labelled. The text embeddings are made
+once, on the first shard to do, and cached in the output directory. A killed run redoes only
+its unfinished shards.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +23,28 @@ import pyarrow as pa
 import torch
 
 from vlmdata.encode.models import resolve_device
-from vlmdata.errors import UserError, require_at_least
-from vlmdata.labels.features import FeatureShard, open_features
-from vlmdata.labels.taxonomy import load_taxonomy, load_templates, templates_digest
+from vlmdata.errors import UserError, one_line, require_at_least
+from vlmdata.labels.features import (
+    FeatureInput,
+    FeatureModel,
+    FeatureShard,
+    check_made_with,
+    open_features,
+)
+from vlmdata.labels.taxonomy import Taxonomy, load_taxonomy, load_templates, templates_digest
 from vlmdata.labels.text import (
     CACHE_FILE,
     LabelEmbeddings,
     cache_key,
     cached_label_embeddings,
     check_model_flag,
+    check_text_model,
     label_embeddings,
     load_text_model,
+    read_cache,
     resolve_weights,
 )
-from vlmdata.labels.zeroshot import LABEL_SCHEMA, ZeroShotClassifier
+from vlmdata.labels.zeroshot import LABEL_SCHEMA, Predictions, ZeroShotClassifier
 from vlmdata.pipeline.distributor import Progress
 from vlmdata.pipeline.runner import (
     Stage,
@@ -92,20 +103,16 @@ def run_classify(config: ClassifyConfig) -> RunSummary:
     check_output_location(out, [source])  # user mistakes first: before any text is encoded
     check_ownership(out, "labels")
     model = features.model
+    key = cache_key(model, taxonomy.digest, templates_digest(templates))
+    shape = (len(taxonomy.descriptions), model.embed_dim)
+    # Before the plan is written, so that a refused taxonomy, fixed, reruns into the same
+    # directory. Text embeddings cached for this key were checked when made (seconds saved).
+    if read_cache(out / CACHE_FILE, key, shape) is None:
+        check_text_model(model, taxonomy.descriptions, templates)
     stage = Stage(
         name="labels",
         output_dir=out,
-        # The options a user sets first: a refused resume names what changed.
-        plan={
-            "stage": "labels",
-            "input": features.fingerprint,
-            "taxonomy": taxonomy.digest,
-            "templates": templates_digest(templates),
-            "top_k": config.top_k,
-            "model": model.name,
-            "pretrained": model.pretrained,
-            "weights_sha256": model.weights_sha256,
-        },
+        plan=labels_plan(features, taxonomy, templates, config.top_k),
         inputs=[source],
         data_files=LABEL_FILES,
         planned_shards=[shard.name for shard in features.shards],
@@ -118,74 +125,164 @@ def run_classify(config: ClassifyConfig) -> RunSummary:
 
     def classifier() -> ZeroShotClassifier:
         """Made on the first shard to do: a finished run never loads the model."""
-        key = cache_key(model, taxonomy.digest, templates_digest(templates))
 
         def encode() -> LabelEmbeddings:
             clip = load_text_model(model, weights or resolve_weights(model, None), device)
             return label_embeddings(clip, taxonomy.descriptions, templates)
 
-        labels = cached_label_embeddings(out / CACHE_FILE, key, encode)
+        labels = cached_label_embeddings(out / CACHE_FILE, key, encode, shape)
         return ZeroShotClassifier(labels, taxonomy, config.top_k, device)
 
     def work(shards: Iterator[FeatureShard], progress: Progress) -> None:
         made = None
-        for shard in shards:
-            made = made or classifier()
-            classify_shard(shard, made, out, config.batch_size, progress)
+        # A shard's files are written (and fsynced) while the next shard is labelled; one
+        # shard waits at most, so memory holds two shards' labels.
+        with ThreadPoolExecutor(1, thread_name_prefix="vlmdata-labels-writer") as writer:
+            written: Future | None = None
+            for shard in shards:
+                if made is None:
+                    made = classifier()
+                labelled = label_shard(shard, model, made, config.batch_size, progress)
+                if written is not None:
+                    written.result()  # a failed write stops the run here
+                written = writer.submit(labelled.write, out)
+            if written is not None:
+                written.result()
 
     return run_stage(stage, lambda stage: features.shards, work)
 
 
-def classify_shard(
-    shard: FeatureShard, classifier: ZeroShotClassifier, out: Path, batch_size: int,
+def labels_plan(
+    features: FeatureInput, taxonomy: Taxonomy, templates: Sequence[str], top_k: int
+) -> dict:
+    """The output's ``plan.json``: what its labels depend on (a resume with another plan is
+    refused), the options a user sets first so that a refusal names what changed."""
+    model = features.model
+    return {
+        "stage": "labels",
+        "input": features.fingerprint,
+        "taxonomy": taxonomy.digest,
+        "taxonomy_name": taxonomy.name,  # what the report shows: one output, one name
+        "templates": templates_digest(templates),
+        "top_k": top_k,
+        "model": model.name,
+        "pretrained": model.pretrained,
+        "weights_sha256": model.weights_sha256,
+    }
+
+
+@dataclass
+class LabelledShard:
+    """One feature shard's labels, to be written: its table, counts and when it began."""
+
+    shard: FeatureShard
+    table: pa.Table
+    counts: _Counts
+    started: float  # time.monotonic()
+
+    def write(self, out: Path) -> None:
+        """``NNNNN.parquet``, then the stats marker that makes the shard done."""
+        files = ShardFiles(out, self.shard.name)
+        write_parquet_atomic(files.parquet, self.table)
+        stats = shard_stats(self.shard.name, [], time.monotonic() - self.started,
+                            self.shard.marker, data_sizes(files, LABEL_FILES))  # fmt: skip
+        # Every row is a success; the label counts are what the totals add up.
+        rows = len(self.table)
+        stats.update(rows=rows, status={SUCCESS: rows} if rows else {}, **self.counts.as_stats())
+        atomic_write_json(files.stats, stats)
+
+
+def label_shard(
+    shard: FeatureShard,
+    model: FeatureModel,
+    classifier: ZeroShotClassifier,
+    batch_size: int,
     progress: Progress,
-) -> None:  # fmt: skip
-    """Label one feature shard: ``NNNNN.parquet``, then its stats marker."""
+) -> LabelledShard:
+    """Label one feature shard of ``model``, ``batch_size`` embeddings per matrix product."""
     started = time.monotonic()
-    files = ShardFiles(out, shard.name)
     tables = []
-    counts = _Counts(classifier)
-    with h5py.File(shard.h5, "r") as f:
-        embeds, keys = f["embeds"], f["keys"].asstr()
-        for start in range(0, len(embeds), batch_size):
-            stop = min(start + batch_size, len(embeds))
-            predictions = classifier.predict(torch.from_numpy(embeds[start:stop]))
-            tables.append(classifier.table(keys[start:stop].tolist(), start, predictions))
-            counts.add(predictions.best, predictions.top_category)
-            for _ in range(stop - start):
-                progress.record(SUCCESS, None, 0)
+    counts = _Counts(classifier.taxonomy)
+    for start, keys, embeds in _read_chunks(shard, model, batch_size):
+        predictions = classifier.predict(torch.from_numpy(embeds))
+        tables.append(classifier.table(keys, start, predictions))
+        counts.add(predictions)
+        progress.record_many(SUCCESS, len(keys))
     table = pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
-    write_parquet_atomic(files.parquet, table)
-    stats = shard_stats(shard.name, [], time.monotonic() - started, shard.marker,
-                        data_sizes(files, LABEL_FILES))  # fmt: skip
-    # Every row is a success; the label counts are what the totals add up.
-    stats.update(rows=len(table), status={SUCCESS: len(table)} if len(table) else {},
-                 **counts.as_stats())  # fmt: skip
-    atomic_write_json(files.stats, stats)
+    return LabelledShard(shard, table, counts, started)
+
+
+def _read_chunks(
+    shard: FeatureShard, model: FeatureModel, batch_size: int
+) -> Iterator[tuple[int, pa.Array, np.ndarray]]:
+    """The row, keys and embeddings ``[n, E]`` of each ``batch_size`` rows of the shard's
+    ``.h5``; a file of another model is refused, and so is one not laid out as encode writes
+    it or that cannot be read (a :class:`UserError` naming the file and how to make it again)."""
+    try:
+        with h5py.File(shard.h5, "r") as f:
+            check_made_with(model, shard.h5, f.attrs)  # open anyway: no pass over every file
+            embeds, keys = _layout(f, model.embed_dim)
+            # As UTF-8 bytes, checked by Arrow in one call: decoding key by key costs more.
+            key_array = pa.array(keys[:], pa.string())
+            for start in range(0, len(embeds), batch_size):
+                stop = min(start + batch_size, len(embeds))
+                yield start, key_array.slice(start, stop - start), embeds[start:stop]
+    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as e:
+        raise _damaged(shard, one_line(e, 120)) from None
+
+
+def _layout(f: h5py.File, embed_dim: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """``embeds`` ``[n, embed_dim]`` and ``keys`` ``[n]`` (strings), as encode writes them."""
+    embeds, keys = f.get("embeds"), f.get("keys")
+    if not isinstance(embeds, h5py.Dataset) or not isinstance(keys, h5py.Dataset):
+        raise ValueError("no embeds and keys datasets")
+    if embeds.ndim != 2 or embeds.shape[1] != embed_dim:
+        raise ValueError(f"embeds of shape {embeds.shape}, not [rows, {embed_dim}]")
+    if keys.shape != embeds.shape[:1]:
+        raise ValueError(f"{keys.shape} keys for {len(embeds)} embeddings")
+    if h5py.check_string_dtype(keys.dtype) is None:
+        raise ValueError(f"keys of type {keys.dtype}, not strings")
+    return embeds, keys
+
+
+def _damaged(shard: FeatureShard, reason: str) -> UserError:
+    folder = shard.h5.parent
+    return UserError(
+        f"{shard.h5} is not a whole feature shard ({reason}); rerun the encode of that shard: "
+        f"delete {shard.name}.stats.json in {folder} and rerun vlmdata encode"
+    )
 
 
 class _Counts:
-    """Per-shard counts of the best descriptions, their categories and the top categories."""
+    """Per-shard counts of the best descriptions, their categories and the top categories,
+    and of the images left unlabelled (a non-finite embedding)."""
 
-    def __init__(self, classifier: ZeroShotClassifier) -> None:
-        self.classifier = classifier
-        self.description = np.zeros(len(classifier.descriptions), dtype=np.int64)
-        self.top_category = np.zeros(len(classifier.categories), dtype=np.int64)
+    def __init__(self, taxonomy: Taxonomy) -> None:
+        self.taxonomy = taxonomy
+        self.description = np.zeros(len(taxonomy.descriptions), dtype=np.int64)
+        self.top_category = np.zeros(len(taxonomy.category_names), dtype=np.int64)
+        self.unlabelled = 0
 
-    def add(self, best: np.ndarray, top_category: np.ndarray) -> None:
-        self.description += np.bincount(best, minlength=len(self.description))
-        self.top_category += np.bincount(top_category, minlength=len(self.top_category))
+    def add(self, predictions: Predictions) -> None:
+        labelled = predictions.labelled
+        self.description += np.bincount(predictions.best[labelled],
+                                        minlength=len(self.description))  # fmt: skip
+        self.top_category += np.bincount(predictions.top_category[labelled],
+                                         minlength=len(self.top_category))  # fmt: skip
+        self.unlabelled += int(len(labelled) - labelled.sum())
 
     def as_stats(self) -> dict:
-        classifier = self.classifier
-        category = np.bincount(classifier.description_category, weights=self.description,
-                               minlength=len(classifier.categories))  # fmt: skip
+        taxonomy = self.taxonomy
+        names = taxonomy.category_names
+        category = np.bincount(taxonomy.category_ids, weights=self.description,
+                               minlength=len(names))  # fmt: skip
         return {
-            "category": _nonzero(classifier.categories, category),
-            "top_category": _nonzero(classifier.categories, self.top_category),
-            "description": _nonzero(classifier.descriptions, self.description),
+            "category": _nonzero(names, category),
+            "top_category": _nonzero(names, self.top_category),
+            "description": _nonzero(taxonomy.descriptions, self.description),
+            "unlabelled": self.unlabelled,
         }
 
 
-def _nonzero(names: list[str], counts: np.ndarray) -> dict[str, int]:
+def _nonzero(names: Sequence[str], counts: np.ndarray) -> dict[str, int]:
     return {name: int(n) for name, n in zip(names, counts, strict=True) if n}

@@ -4,31 +4,23 @@ were made with, and the state of each shard (a shard encoded again since is labe
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 
 from vlmdata.errors import UserError, one_line
-from vlmdata.pipeline.shards import (
-    PLAN,
-    STAGE_DATA_FILES,
-    SUCCESS,
-    ShardFiles,
-    complete_shard_stats,
-    read_state_json,
-    stage_of,
-)
-from vlmdata.pipeline.upstream import read_upstream, refuse_incomplete
+from vlmdata.pipeline.shards import PLAN, STAGE_DATA_FILES, SUCCESS, ShardFiles, read_state_json
+from vlmdata.pipeline.upstream import marker_of, read_upstream, refuse_incomplete
 
 ENCODE_FILES = STAGE_DATA_FILES["encode"]
 
 
 @dataclass(frozen=True)
 class FeatureModel:
-    """The CLIP model the features came from, as their HDF5 attributes record it."""
+    """The CLIP model the features came from, as the encode's plan (and each HDF5 file's
+    attributes) record it."""
 
     name: str
     pretrained: str  # a tag, the weights file's path when encoded, or "random"
@@ -51,7 +43,7 @@ class FeatureShard:
     name: str
     h5: Path
     rows: int
-    marker: str  # the state of the encode shard: a digest of its stats marker
+    marker: str | None  # the state of the encode shard: a digest of its stats marker
 
 
 @dataclass(frozen=True)
@@ -65,89 +57,82 @@ class FeatureInput:
 
 
 def open_features(features_dir: Path, allow_incomplete: bool) -> FeatureInput:
-    """The finished shards of the encode output ``features_dir`` and their one model; an
-    unfinished encode is refused unless ``allow_incomplete``."""
-    _require_encode_output(features_dir)
-    upstream = read_upstream(features_dir)
-    # read_upstream judges image shards (.tar); an encode shard is done with its .h5.
-    root = read_state_json(features_dir / "stats.json", missing_ok=True) or {}
-    done = frozenset(
-        name
-        for path in features_dir.glob("*.stats.json")
-        if complete_shard_stats(
-            ShardFiles(features_dir, name := path.name.removesuffix(".stats.json")), ENCODE_FILES
-        )
-    )
-    names = root.get("shard_names")
-    complete = bool(root.get("complete")) and isinstance(names, list) and done >= set(names)
-    upstream = dataclasses.replace(upstream, complete=complete, done=done)
+    """The finished shards of the encode output ``features_dir`` and their model (as its plan
+    records it); an unfinished encode is refused unless ``allow_incomplete``."""
+    plan = _encode_plan(features_dir)
+    upstream = read_upstream(features_dir, ENCODE_FILES)
     refuse_incomplete(features_dir, upstream, allow_incomplete)
-    if not done:
+    if not upstream.done:
         raise UserError(f"{features_dir} has no finished shard yet; rerun once one is done")
-    shards = [_feature_shard(features_dir, name) for name in sorted(done)]
+    shards = [_feature_shard(features_dir, name, stats) for name, stats in upstream.done.items()]
     return FeatureInput(
         shards=shards,
-        model=_one_model(features_dir, shards),
+        model=_plan_model(features_dir, plan, shards[0].h5),
         fingerprint=upstream.fingerprint(),
-        partial=not complete,
+        partial=not upstream.complete,
     )
 
 
-def _require_encode_output(features_dir: Path) -> None:
-    if not (features_dir / PLAN).is_file():
+def check_made_with(model: FeatureModel, h5: Path, attrs: Mapping) -> None:
+    """Refuse a feature shard (its root attributes ``attrs``) made with another model than
+    the encode's plan records: shards of two models cannot share one set of text embeddings."""
+    sha = attrs.get("weights_sha256")
+    weights = str(sha if sha is not None else attrs.get("pretrained"))
+    name = str(attrs.get("model"))
+    if (name, weights) != (model.name, model.weights):
+        raise UserError(
+            f"{h5.parent} mixes features of two models ({h5.name}: {name} ({weights[:16]}), its "
+            f"{PLAN}: {model.describe()}); label the features of one model at a time"
+        )
+
+
+def _encode_plan(features_dir: Path) -> dict:
+    plan = read_state_json(features_dir / PLAN, missing_ok=True)
+    if plan is None:
         raise UserError(
             f"FEATURES_DIR {features_dir} is not a vlmdata encode output (no {PLAN}); pass the "
             "output directory of `vlmdata encode`"
         )
-    stage = stage_of(features_dir)
-    if stage != "encode":
+    if (stage := plan.get("stage")) != "encode":
+        stage = stage if isinstance(stage, str) else "unknown"
         raise UserError(
             f"FEATURES_DIR {features_dir} holds a {stage} output, not encode features; pass the "
             "output directory of `vlmdata encode`"
         )
+    return plan
 
 
-def _feature_shard(features_dir: Path, name: str) -> FeatureShard:
+def _feature_shard(features_dir: Path, name: str, stats: dict) -> FeatureShard:
     files = ShardFiles(features_dir, name)
-    marker = files.stats.read_bytes()
-    stats = read_state_json(files.stats)
     return FeatureShard(
         name=name,
         h5=files.data(".h5"),
         rows=stats.get("status", {}).get(SUCCESS, 0),
         # Like upstream.input_marker for image shards: rewriting the shard changes its marker.
-        marker=hashlib.sha256(marker).hexdigest()[:16],
+        marker=marker_of(files.stats),
     )
 
 
-def _one_model(features_dir: Path, shards: list[FeatureShard]) -> FeatureModel:
-    """The model every shard was made with; shards of two models cannot share one taxonomy's
-    text embeddings."""
-    first = _model_of(shards[0].h5)
-    for shard in shards[1:]:
-        other = _model_of(shard.h5)
-        if other != first:
-            raise UserError(
-                f"{features_dir} mixes features of two models ({shards[0].h5.name}: "
-                f"{first.describe()}, {shard.h5.name}: {other.describe()}); label the "
-                "features of one model at a time"
-            )
-    return first
+def _plan_model(features_dir: Path, plan: dict, first: Path) -> FeatureModel:
+    """The model ``plan`` records, checked shard by shard as each is labelled: the plan of an
+    encode is the same for all its shards, and reading it opens no ``.h5`` (there may be
+    thousands). A weights file's path is left out of the plan: it is the first shard's."""
+    name, sha, embed_dim = plan.get("model"), plan.get("weights_sha256"), plan.get("embed_dim")
+    pretrained = plan.get("pretrained") if sha is None else _recorded_pretrained(first)
+    if not (isinstance(name, str) and isinstance(pretrained, str) and isinstance(embed_dim, int)):
+        raise UserError(
+            f"{features_dir / PLAN} records no model (model, pretrained or weights_sha256, "
+            "embed_dim); rerun the encode"
+        )
+    return FeatureModel(name=name, pretrained=pretrained,
+                        weights_sha256=str(sha) if sha is not None else None,
+                        embed_dim=embed_dim)  # fmt: skip
 
 
-def _model_of(h5: Path) -> FeatureModel:
+def _recorded_pretrained(h5: Path) -> str | None:
     try:
         with h5py.File(h5, "r") as f:
-            attrs = dict(f.attrs)
-            embed_dim = int(f["embeds"].shape[1])
-    except (OSError, KeyError, ValueError) as e:
+            pretrained = f.attrs.get("pretrained")
+    except OSError as e:
         raise UserError(f"{h5} is damaged ({one_line(e, 120)}); rerun the encode") from None
-    if "model" not in attrs or "pretrained" not in attrs:
-        raise UserError(f"{h5} records no model (attributes model, pretrained); rerun the encode")
-    sha = attrs.get("weights_sha256")
-    return FeatureModel(
-        name=str(attrs["model"]),
-        pretrained=str(attrs["pretrained"]),
-        weights_sha256=str(sha) if sha is not None else None,
-        embed_dim=embed_dim,
-    )
+    return None if pretrained is None else str(pretrained)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,12 +32,18 @@ from pathlib import Path
 from types import MappingProxyType
 
 from vlmdata.errors import UserError, one_line
+from vlmdata.pipeline.sources import LONE_SURROGATE
 
 MAX_DESCRIPTIONS = 100_000  # far above any hand-written taxonomy; guards a wrong file
 _TOP_LEVEL_KEYS = ("name", "categories")
 _DEFAULT_TAXONOMY = "default_taxonomy.json"
 _DEFAULT_TEMPLATES = "default_templates.json"
 _YAML_SUFFIXES = (".yaml", ".yml")
+# For lists or objects nested past Python's recursion limit (the parsers recurse).
+_TOO_DEEP = (
+    "{label} nests lists or objects too deeply to read (a taxonomy nests two levels, templates "
+    "one); fix it"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,6 +179,12 @@ def _parse_json(text: str, label: str) -> object:
         return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, label))
     except json.JSONDecodeError as e:
         raise UserError(f"{label} is not valid JSON (line {e.lineno}: {e.msg}); fix it") from None
+    except ValueError:  # the one other: an integer past Python's digit limit
+        raise UserError(
+            f"{label} holds a number of more than {sys.get_int_max_str_digits()} digits; fix it"
+        ) from None
+    except RecursionError:
+        raise UserError(_TOO_DEEP.format(label=label)) from None
 
 
 def _parse_yaml(text: str, label: str) -> object:
@@ -197,6 +210,8 @@ def _parse_yaml(text: str, label: str) -> object:
         raise UserError(f"{label} is not valid YAML ({where}{e.problem}); fix it") from None
     except yaml.YAMLError as e:
         raise UserError(f"{label} is not valid YAML ({one_line(e)}); fix it") from None
+    except RecursionError:
+        raise UserError(_TOO_DEEP.format(label=label)) from None
 
 
 def _kind(value: object) -> str:
@@ -208,6 +223,16 @@ def _kind(value: object) -> str:
         if isinstance(value, kind):
             return name
     return "a number" if isinstance(value, int | float) else type(value).__name__
+
+
+def _require_text(text: str, what: str, label: str) -> None:
+    """Refuse a string holding a lone surrogate: a JSON or YAML escape such as ``"\\ud800"``
+    (half a character) parses, but no tokenizer, file or page can take it."""
+    if LONE_SURROGATE.search(text):
+        raise UserError(
+            f"{label}: {what}, {text!r}, holds half a character (a lone surrogate escape such as "
+            "\\ud800); fix or drop it"
+        )
 
 
 def _parse_taxonomy(data: object, label: str, default_name: str) -> Taxonomy:
@@ -224,6 +249,7 @@ def _parse_taxonomy(data: object, label: str, default_name: str) -> Taxonomy:
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name.strip():
         raise UserError(f'{label}: "name" must be a non-empty string, got {_kind(name)}')
+    _require_text(name, '"name"', label)
     if "categories" not in data:
         raise UserError(f'{label}: no "categories" key; put the category -> descriptions map there')
     return Taxonomy(name.strip(), _parse_categories(data["categories"], label))
@@ -250,6 +276,7 @@ def _parse_categories(categories: object, label: str) -> dict[str, tuple[str, ..
         category = " ".join(raw_name.split())
         if not category:
             raise UserError(f"{label}: a category has an empty name; name it")
+        _require_text(category, "category", label)
         if category.casefold() in folded_names:
             raise UserError(
                 f"{label}: category {category!r} appears twice (ignoring case); merge the two"
@@ -281,6 +308,7 @@ def _parse_descriptions(
         text = " ".join(description.split())
         if not text:
             raise UserError(f"{label}: description {position} of {category!r} is empty; write one")
+        _require_text(text, f"description {position} of {category!r}", label)
         key = text.casefold()
         if key in first_category:
             where = (
@@ -304,6 +332,7 @@ def _parse_templates(data: object, label: str) -> tuple[str, ...]:
         if not isinstance(template, str):
             raise UserError(f"{label}: template {position} is {_kind(template)}, not a string")
         text = " ".join(template.split())
+        _require_text(text, f"template {position}", label)
         outside = text.replace("{}", "", 1)
         if text.count("{}") != 1 or "{" in outside or "}" in outside:
             raise UserError(

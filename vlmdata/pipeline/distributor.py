@@ -44,7 +44,10 @@ from typing import Any, Protocol
 
 from vlmdata.errors import MachineFailure, UserError
 
-__all__ = ["Progress", "Work", "WorkerError", "die_with_parent", "distribute"]
+__all__ = [
+    "Progress", "Work", "WorkerError", "die_with_parent", "distribute", "single_threaded_worker",
+    "usable_cpus",
+]  # fmt: skip
 
 _FLUSH_S = 0.2  # a worker sends its outcomes at least this often...
 _FLUSH_ROWS = 512  # ...or every this many rows
@@ -55,14 +58,23 @@ _GRACE_S = 20.0
 _ORPHAN_POLL_S = 0.5  # without PR_SET_PDEATHSIG: how often a child looks for its parent
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _ONE_LINE_ERRORS = (UserError, MachineFailure)  # raised again in the parent as themselves
+# What sizes the compute thread pools of native libraries, read when the library loads (OpenBLAS,
+# MKL, BLIS, Accelerate, numexpr) or first starts threads (OpenMP, Arrow's CPU pool).
+_THREAD_POOL_SIZES = (
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+)  # fmt: skip
 
 
 class Progress(Protocol):
-    """Where a worker reports rows: finished by an earlier run (skip) or just now (record)."""
+    """Where a worker reports rows: finished by an earlier run (skip) or just now (record; or
+    record_many, for many rows of one status at once)."""
 
     def skip(self, rows: int) -> None: ...
 
     def record(self, status: str, error_kind: str | None, nbytes: int) -> None: ...
+
+    def record_many(self, status: str, rows: int) -> None: ...
 
 
 # A shard is any picklable object with a ``name``: a URL-list slice, an image tar, ...
@@ -149,6 +161,41 @@ def _exit_when_orphaned(parent_pid: int, interval: float) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name=name, daemon=True).start()
+
+
+# ---- sizing worker pools ------------------------------------------------------------------------
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, a container's cpuset,
+    a batch scheduler's allocation), not every core of the machine, which is what
+    ``os.cpu_count()`` counts. (A CPU quota without a cpuset, ``docker --cpus``, is not seen.)"""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def default_download_processes() -> int:
+    """``download --processes`` by default: a quarter of the usable CPUs, since one event loop
+    with its resize workers keeps about four cores busy (README, Performance)."""
+    return max(1, usable_cpus() // 4)
+
+
+def single_threaded_worker(*_: object) -> None:
+    """Set up a pool process meant to keep one core busy: it dies with its parent
+    (:func:`die_with_parent`), and the native libraries it loads from here on start one
+    compute thread each rather than one per core. OpenBLAS, loaded with numpy (which pyarrow
+    imports), starts a thread per core at import: N such workers on an N-core machine would
+    hold N² threads, against a container's process limit.
+
+    Give it as the pool's ``initializer``, so that it runs before the worker's first task is
+    unpickled (and imports numpy); this module imports neither numpy nor pyarrow for that
+    reason. It sets environment variables: call it only in a worker process of our own.
+    """
+    die_with_parent()
+    for name in _THREAD_POOL_SIZES:
+        os.environ[name] = "1"
 
 
 # ---- the parent ----------------------------------------------------------------------------------
@@ -459,6 +506,10 @@ class _EventSink:
 
     def record(self, status: str, error_kind: str | None, nbytes: int) -> None:
         self.buffer.append((status, error_kind, nbytes))
+        self._maybe_flush()
+
+    def record_many(self, status: str, rows: int) -> None:
+        self.buffer.extend([(status, None, 0)] * rows)
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:

@@ -211,15 +211,21 @@ class _Group:
 def _tar_index(path: Path) -> list[SampleRef]:
     """A webdataset tar's samples: consecutive members grouped by key, repeats flagged.
 
-    tarfile seeks over each member's data and checks, before the next header, that the data
-    was all there: a tar cut inside a member is refused here, before any sample is read.
+    Only the headers are read: the index seeks over each member's data. A tar cut inside a
+    member is refused here, before any sample is read.
     """
     refs: list[SampleRef] = []
     keys: set[str] = set()  # keys of this shard so far, for the repeats
     group: _Group | None = None
     try:
         with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            for member in tar:
+            while True:
+                # At the next header already: else tarfile reads the byte before it to check
+                # the data is there, a byte a worker reads again. The size check below does.
+                raw.seek(tar.offset)
+                member = tar.next()
+                if member is None:
+                    break
                 split = _member_key(member)
                 if split is None:
                     continue
@@ -231,6 +237,8 @@ def _tar_index(path: Path) -> list[SampleRef]:
                 group.extensions.add(extension)
                 if extension in _SAMPLE_EXTENSIONS:
                     group.data[extension] = Span(member.offset_data, member.size)
+            if os.fstat(raw.fileno()).st_size < tar.offset:  # cut in the last member's data
+                raise tarfile.ReadError("unexpected end of data")
     except tarfile.TarError as e:
         raise _not_a_valid_tar(path, e) from None
     if group is not None:

@@ -10,7 +10,6 @@ the same way.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from vlmdata.errors import require_at_least
-from vlmdata.pipeline.distributor import Progress
+from vlmdata.pipeline.distributor import Progress, usable_cpus
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, decoder_warnings_ignored, square_image
 from vlmdata.pipeline.runner import Stage, path_argument, run_stage
@@ -56,7 +55,7 @@ class PreprocessConfig:
     square: SquareOptions = field(default_factory=SquareOptions)
     max_pixels: int = 100_000_000  # larger images are refused before decoding
     shard_size: int = 10_000  # plain image folders only: tars keep their own shards
-    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    processes: int = field(default_factory=usable_cpus)
     allow_incomplete: bool = False  # take the finished shards of an unfinished upstream
     quiet: bool = False
 

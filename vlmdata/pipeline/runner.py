@@ -52,7 +52,6 @@ class Stage:
     hint: str = ""  # appended to the "nothing to do" line
     partial_input: bool = False  # only part of an unfinished upstream: never marked complete
     # download --retry-failed: reopen finished shards before the run; returns rows to redo.
-    # It must call ``stage.forget(name)`` for each shard it reopens.
     reopen: Callable[[Stage], int] | None = None
     # Written after the shards and before the completion marker (encode's manifest).
     before_complete: Callable[[Path, list[str]], None] | None = None
@@ -84,9 +83,9 @@ class Stage:
         self._found[name] = stats
         return stats
 
-    def forget(self, name: str) -> None:
-        """Look at shard ``name`` again next time: this run changed it (reopened it)."""
-        self._found.pop(name, None)
+    def look_again(self) -> None:
+        """Forget what this run found of every shard (a reopen changed some)."""
+        self._found.clear()
 
     def is_complete(self, name: str) -> bool:
         return self.complete_stats(name) is not None
@@ -108,6 +107,7 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
             return done
         _mark_incomplete(out)  # from here on, no reader may take the output for complete
         retried = stage.reopen(stage) if stage.reopen else 0
+        stage.look_again()  # what reopen looked at, it may have changed
         if done and not retried:
             atomic_write_json(out / ROOT_STATS, done.totals)  # nothing reopened: still complete
             return done

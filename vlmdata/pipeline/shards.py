@@ -92,6 +92,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def write_named_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file the user named: a new path or a regular file atomically; through
+    a symlink, or to a device or FIFO (``/dev/stdout``), in place, as a shell's ``>`` does, so
+    the link or node stays (a rename would replace it by a regular file)."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        atomic_write_bytes(path, data)
+
+
 def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False).encode() + b"\n")
 
@@ -250,7 +261,8 @@ def check_plan(out_dir: Path, plan: dict) -> None:
         return
     if previous.get("input") != plan.get("input"):
         raise UserError(
-            f"{out_dir} was made from a different input ({_short(previous.get('input'))}); "
+            f"{out_dir} was made from a different input: "
+            f"{_input_change(previous.get('input'), plan.get('input'))}; "
             "pass the same input, or use another directory for this one"
         )
     # In the plan's own order, which puts the options a user sets before what follows them.
@@ -268,10 +280,39 @@ def check_plan(out_dir: Path, plan: dict) -> None:
         )
 
 
+def _input_change(before: object, now: object) -> str:
+    """What differs between two input fingerprints, in a user's words: the file that changed
+    and how, or the input option (``--limit 100``)."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return _short(before)
+    old_files, new_files = before.get("files"), now.get("files")
+    if isinstance(old_files, list) and isinstance(new_files, list) and old_files != new_files:
+        old_names = [f.get("name") for f in old_files if isinstance(f, dict)]
+        new_names = [f.get("name") for f in new_files if isinstance(f, dict)]
+        if old_names != new_names:
+            return f"the files {_short(', '.join(map(str, old_names)))}"
+        old, new = next((a, b) for a, b in zip(old_files, new_files, strict=True) if a != b)
+        if set(old) != set(new):  # written by a vlmdata that fingerprinted otherwise
+            return "it was made by an older vlmdata, which identified inputs otherwise"
+        if {k: v for k, v in old.items() if k != "mtime_ns"} == {
+            k: v for k, v in new.items() if k != "mtime_ns"
+        }:  # same size and hashes, another time: a copy, or an edit in place
+            ns = int(old.get("mtime_ns", 0))
+            return (f"{old['name']} was modified since (if only its time changed, as in a copy "
+                    f"without -p, restore it: touch -d @{ns // 10**9}.{ns % 10**9:09d} "
+                    f"{old['name']})")  # fmt: skip
+        return f"{old['name']} has changed since (its size or content)"
+    key = next(k for k in [*now, *before] if before.get(k) != now.get(k))
+    if key in ("upstream", "plan_sha256"):  # a stage output as the input
+        return "its plan.json changed: it was made again since, with other options or input"
+    return f"made with {_as_flag(key, before.get(key))}"
+
+
 # Plan entries whose command-line flag is not their own name.
 _FLAGS = {"resize.size": "--resize", "layer_requested": "--layer",
           "placeholder_references": "--reference", "vlmdata_version": "vlmdata version",
-          "weights_sha256": "--pretrained weights with sha256"}  # fmt: skip
+          "weights_sha256": "--pretrained weights with sha256",
+          "taxonomy_name": "a --taxonomy named"}  # fmt: skip
 
 
 def _as_flag(option: str, value: object) -> str:

@@ -7,7 +7,8 @@ files in order; row *n* gets the key ``f"{n:09d}"`` and lands in shard ``n // sh
 
 A resume costs what is left to do, not what is done: a parquet file's row counts come from its
 metadata, so row groups that hold no row of an unfinished shard are skipped unread, and the
-input is identified by sizes, its first MiB and the parquet footers, never by hashing it all.
+input is identified by sizes, modification times, its first MiB and the parquet footers,
+never by hashing it all.
 
 URL lists are scraped, so their files are hostile but real. A file the user must fix (a csv
 quote never closed, a cut gzip, UTF-16) stops the read with one UserError line naming the file
@@ -25,6 +26,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import zlib
 from collections.abc import Callable, Generator, Iterator
@@ -226,23 +228,25 @@ class UrlSource:
     # -- description ------------------------------------------------------------------------
 
     def total_rows(self) -> int | None:
-        """The number of rows that will be read, when it is known without reading them."""
+        """The number of rows that will be read, when it is known without reading them (a
+        parquet input's metadata; a text input's --limit is only an upper bound: None)."""
         if all(fmt == "parquet" for fmt in self.formats):
             total = sum(pq.ParquetFile(p).metadata.num_rows for p in self.files)
             return min(total, self.limit) if self.limit else total
-        return self.limit
+        return None
 
     def fingerprint(self) -> dict:
         """What identifies this input, read without reading the rows: per file its name,
-        size and a hash of its first MiB, and for parquet a hash of its footer (the row
-        groups' sizes, offsets and statistics). Modification times are left out on purpose:
-        a copied or rsynced input still resumes."""
+        size, modification time and a hash of its first MiB, and for parquet a hash of its
+        footer (the row groups' sizes, offsets and statistics). The modification time is what
+        tells a file edited in place past its first MiB apart: its footer can stay the same."""
         files = []
         for path, fmt in zip(self.files, self.formats, strict=True):
             with open(path, "rb") as f:
                 head = hashlib.sha256(f.read(_FINGERPRINT_BYTES)).hexdigest()
-            entry = {"name": path.name, "format": fmt, "size": path.stat().st_size,
-                     "head_sha256": head}  # fmt: skip
+                status = os.fstat(f.fileno())
+            entry = {"name": path.name, "format": fmt, "size": status.st_size,
+                     "mtime_ns": status.st_mtime_ns, "head_sha256": head}  # fmt: skip
             if fmt == "parquet":
                 entry["footer_sha256"] = _parquet_footer_sha256(path)
             files.append(entry)
@@ -374,7 +378,7 @@ def _parquet_batches(
 
 def _parquet_footer_sha256(path: Path) -> str:
     """A hash of a parquet file's footer: its schema and every row group's sizes, offsets and
-    statistics, so a rewritten file of the same size and head is told apart from the old."""
+    statistics (what a rewrite of the same size and head most often changes)."""
     with open(path, "rb") as f:
         size = f.seek(0, io.SEEK_END)
         f.seek(max(0, size - _PARQUET_TAIL))

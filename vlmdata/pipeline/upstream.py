@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmdata.errors import UserError
 from vlmdata.pipeline.image_sources import ImageShard, find_image_shards, fingerprint
+from vlmdata.pipeline.runner import ROOT_STATS
 from vlmdata.pipeline.shards import (
     IMAGE_SHARD_FILES,
     PLAN,
@@ -35,36 +38,46 @@ class Upstream:
 
     stage: str
     complete: bool  # its run finished and every shard it names is whole
-    done: frozenset[str]  # names of the shards it has finished
+    done: Mapping[str, dict]  # the stats marker of each shard it has finished, by name
     plan_sha256: str  # identifies the run: stable while it adds shards
 
     def fingerprint(self) -> dict:
         return {"upstream": self.stage, "plan_sha256": self.plan_sha256}
 
 
-def read_upstream(input_dir: Path) -> Upstream | None:
-    """The stage output ``input_dir`` holds, or None when it is not a vlmdata output."""
+def read_upstream(
+    input_dir: Path, data_files: tuple[str, ...] = IMAGE_SHARD_FILES
+) -> Upstream | None:
+    """The stage output ``input_dir`` holds, or None when it is not a vlmdata output; its
+    shards hold ``data_files`` (an image stage's by default)."""
     plan = read_state_json(input_dir / PLAN, missing_ok=True)
     if plan is None:
         return None
-    root = read_state_json(input_dir / "stats.json", missing_ok=True) or {}
-    done = frozenset(
-        name
-        for path in input_dir.glob("*.stats.json")
-        if complete_shard_stats(
-            ShardFiles(input_dir, name := path.name.removesuffix(".stats.json")), IMAGE_SHARD_FILES
-        )
-    )
-    names = root.get("shard_names")
-    # Complete means whole: a shard deleted or damaged since the run finished makes it not.
-    complete = bool(root.get("complete")) and isinstance(names, list) and done >= set(names)
+    done, complete = finished_shards(input_dir, data_files)
     canonical = json.dumps(plan, sort_keys=True).encode()
     return Upstream(
         stage=str(plan.get("stage", "unknown")),
         complete=complete,
-        done=done,
+        done=MappingProxyType(done),
         plan_sha256=hashlib.sha256(canonical).hexdigest(),
     )
+
+
+def finished_shards(output_dir: Path, data_files: tuple[str, ...]) -> tuple[dict[str, dict], bool]:
+    """The stats marker of each finished shard of the stage output ``output_dir`` (whose
+    shards hold ``data_files``), by name in order, and whether the output is complete: its run
+    finished and every shard it names is whole (one deleted or damaged since makes it not)."""
+    done = {}
+    for path in sorted(output_dir.glob("*.stats.json")):
+        name = path.name.removesuffix(".stats.json")
+        if (stats := complete_shard_stats(ShardFiles(output_dir, name), data_files)) is not None:
+            done[name] = stats
+    root = read_state_json(output_dir / ROOT_STATS, missing_ok=True) or {}
+    names = root.get("shard_names")
+    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        names = None  # stats.json edited or damaged: the run's shards are not known
+    complete = bool(root.get("complete")) and names is not None and done.keys() >= set(names)
+    return done, complete
 
 
 def input_marker(shard: ImageShard) -> str | None:
@@ -73,7 +86,12 @@ def input_marker(shard: ImageShard) -> str | None:
     shard made from an older state is redone. None for inputs that are not vlmdata shards."""
     if shard.tar is None:
         return None
-    stats = shard.tar.with_name(f"{shard.tar.stem}.stats.json")
+    return marker_of(shard.tar.with_name(f"{shard.tar.stem}.stats.json"))
+
+
+def marker_of(stats: Path) -> str | None:
+    """A digest of the stats marker at ``stats`` (None when it cannot be read): what a
+    downstream shard records of the input shard it was made from."""
     try:
         return hashlib.sha256(stats.read_bytes()).hexdigest()[:16]
     except OSError:
