@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -293,10 +294,11 @@ def image_loader(
     order. The shard is indexed here, once; each worker reads only its own runs."""
     refs = shard.index()
     runs = [refs[i : i + shape.chunk] for i in range(0, len(refs), shape.chunk)]
+    workers = min(shape.workers, len(runs))  # a small shard forks no idle worker
     return DataLoader(
         _SquaredImages(shard, runs, options, max_pixels), batch_size=None,
-        num_workers=shape.workers, worker_init_fn=_decoding_worker, pin_memory=pin_memory,
-        prefetch_factor=shape.prefetch,
+        num_workers=workers, worker_init_fn=partial(_decoding_worker, parent=os.getpid()),
+        pin_memory=pin_memory, prefetch_factor=shape.prefetch if workers else None,
     )  # fmt: skip
 
 
@@ -376,8 +378,10 @@ def _forward_batches(
         yield failed, decoded, torch.cat(inputs) if inputs else None
 
 
-def _decoding_worker(worker_id: int) -> None:
-    die_with_parent()  # a killed encode must not leave its decoders running
+def _decoding_worker(worker_id: int, parent: int) -> None:
+    # A killed encode must not leave its decoders running, even one forked just before the
+    # kill: by the parent's pid, since a sibling may hold the multiprocessing sentinel open.
+    die_with_parent(parent_pid=parent)
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
 
 

@@ -48,10 +48,12 @@ class Sample:
 
 @dataclass(frozen=True)
 class Span:
-    """A tar member's data: ``size`` bytes at ``offset``."""
+    """A tar member's data: ``size`` bytes at ``offset``; or, for a sparse member (its stored
+    bytes are not its content), the content itself, expanded when it was indexed."""
 
     offset: int
     size: int
+    expanded: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -93,14 +95,20 @@ class ImageShard:
     def read(self, refs: Sequence[SampleRef]) -> Iterator[Sample]:
         """The samples of ``refs`` (from :meth:`index`), read in order: a run of consecutive
         refs is one forward sweep over the tar."""
-        if self.tar is None:
-            for ref in refs:
-                yield Sample(ref.key, ref.image.read_bytes(), _caption_beside(ref.image), {},
-                             ref.source)  # fmt: skip
-            return
-        with open(self.tar, "rb", buffering=0) as tar:  # exact reads: no read-ahead to discard
-            for ref in refs:
-                yield _tar_sample(tar, ref, self.tar)
+        try:
+            if self.tar is None:
+                for ref in refs:
+                    yield Sample(ref.key, ref.image.read_bytes(), _caption_beside(ref.image), {},
+                                 ref.source)  # fmt: skip
+                return
+            with open(self.tar, "rb", buffering=0) as tar:  # exact reads: no read-ahead
+                for ref in refs:
+                    yield _tar_sample(tar, ref, self.tar)
+        except FileNotFoundError as e:  # deleted since the index: the input changed under us
+            raise UserError(
+                f"{e.filename} was deleted while this stage read it; rerun it once the input "
+                "is left alone"
+            ) from None
 
 
 def find_image_shards(input_dir: Path, shard_size: int) -> list[ImageShard]:
@@ -236,7 +244,7 @@ def _tar_index(path: Path) -> list[SampleRef]:
                     group = _Group(key)
                 group.extensions.add(extension)
                 if extension in _SAMPLE_EXTENSIONS:
-                    group.data[extension] = Span(member.offset_data, member.size)
+                    group.data[extension] = _span(tar, member)
             if os.fstat(raw.fileno()).st_size < tar.offset:  # cut in the last member's data
                 raise tarfile.ReadError("unexpected end of data")
     except tarfile.TarError as e:
@@ -244,6 +252,14 @@ def _tar_index(path: Path) -> list[SampleRef]:
     if group is not None:
         refs += _sample_ref(group, path, keys)
     return refs
+
+
+def _span(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Span:
+    """Where ``member``'s content is; a sparse member (``tar --sparse``, rare) is expanded
+    now, by tarfile: its holes are not in the file."""
+    if not member.issparse():
+        return Span(member.offset_data, member.size)
+    return Span(member.offset_data, member.size, tar.extractfile(member).read())
 
 
 def _not_a_valid_tar(path: Path, why: object) -> UserError:
@@ -255,6 +271,9 @@ def _tar_sample(tar: BinaryIO, ref: SampleRef, path: Path) -> Sample:
     spans = {"image": ref.image, "caption": ref.caption, "meta": ref.meta}
     data: dict[str, bytes] = {}
     for name in sorted((n for n in spans if spans[n] is not None), key=lambda n: spans[n].offset):
+        if spans[name].expanded is not None:
+            data[name] = spans[name].expanded
+            continue
         tar.seek(spans[name].offset)
         data[name] = tar.read(spans[name].size)
         if len(data[name]) != spans[name].size:  # cut since it was indexed

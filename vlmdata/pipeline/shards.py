@@ -110,10 +110,23 @@ def atomic_write_json(path: Path, obj: object) -> None:
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     """Write ``table`` under a temporary name, fsync it, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", use_dictionary=_string_columns(table.schema))
     fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def _string_columns(schema: pa.Schema) -> list[str]:
+    """The parquet column paths of ``schema``'s strings and lists of strings: dictionary pages
+    pay off for strings that repeat (statuses, error kinds, categories), not for numbers and
+    hashes, where building the dictionary only costs time."""
+    paths = []
+    for field in schema:
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            paths.append(field.name)
+        elif pa.types.is_list(field.type) and pa.types.is_string(field.type.value_type):
+            paths.append(f"{field.name}.list.element")
+    return paths
 
 
 def fsync_file(path: Path) -> None:
