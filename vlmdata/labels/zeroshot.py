@@ -82,11 +82,15 @@ class ZeroShotClassifier:
         n, (d, e) = len(embeds), self.text.shape
         with torch.inference_mode():
             images = self._work_tensor("images", n, e).copy_(embeds)  # float32, on the device
-            # A NaN or inf embedding (fp16 overflow, a damaged chunk) has no label: it is
-            # zeroed so its row stays finite, and left unlabelled by `labelled`.
-            labelled = torch.isfinite(images).all(dim=1)
-            images.masked_fill_(~labelled[:, None], 0.0)
-            images.div_(torch.linalg.vector_norm(images, dim=1, keepdim=True).clamp_min_(1e-12))
+            norms = torch.linalg.vector_norm(images, dim=1, keepdim=True)
+            # A NaN or inf embedding (fp16 overflow, a damaged chunk) has no label: its norm
+            # is not finite (a check of [n] norms, not [n, E] values); the row is zeroed so the
+            # math stays finite, and left unlabelled by `labelled`.
+            labelled = torch.isfinite(norms[:, 0])
+            if not labelled.all():
+                images.masked_fill_(~labelled[:, None], 0.0)
+                norms.masked_fill_(~labelled[:, None], 1.0)
+            images.div_(norms.clamp_min_(1e-12))
             cosines = torch.mm(images, self.text.T, out=self._work_tensor("cosines", n, d))
             logits = torch.mul(cosines, self.logit_scale, out=self._work_tensor("logits", n, d))
             probabilities = torch.softmax(logits, 1, out=self._work_tensor("probabilities", n, d))
