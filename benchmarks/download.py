@@ -419,8 +419,9 @@ def model_cores(cpu: dict, parent_per_row: float, mean_bytes: float) -> None:
     )
     share = cpu["event loops"] / per_image
     print(f"One event loop spends {1000 * cpu['event loops']:.2f} ms an image ({share:.0%} of "
-          f"the CPU): one process (the default) keeps ~{1 / share:.0f} cores busy at most, so "
-          f"give --processes at least cores / {max(1, int(1 / share))}.")  # fmt: skip
+          f"the CPU): one process keeps ~{1 / share:.0f} cores busy at most, so --processes "
+          f"should be at least cores / {max(1, int(1 / share))} (the default: cores / 4)."
+          )  # fmt: skip
 
 
 # -- what a rerun costs as the input grows ----------------------------------------------------
