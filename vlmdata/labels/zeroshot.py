@@ -4,6 +4,7 @@ embeddings: one matrix product, a softmax at the model's logit scale, and top-k,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,16 +124,19 @@ class ZeroShotClassifier:
         # An unlabelled image gets nulls, never a made-up label.
         missing = None if predictions.labelled.all() else ~predictions.labelled
         best = pa.array(predictions.best, mask=missing)
-        offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+        # A null list is also an empty one: older pyarrow cannot write a null of length k.
+        lengths = np.where(predictions.labelled, k, 0)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         names, categories = self._description_names, self._category_names
 
         def column(values: np.ndarray) -> pa.Array:
             return pa.array(values, mask=missing)
 
-        def top_k(values: pa.Array) -> pa.Array:
+        def top_k(values: np.ndarray, as_array: Callable[[np.ndarray], pa.Array]) -> pa.Array:
             return pa.ListArray.from_arrays(
-                offsets, values, mask=None if missing is None else pa.array(missing)
-            )
+                offsets, as_array(values[predictions.labelled].reshape(-1)),
+                mask=None if missing is None else pa.array(missing),
+            )  # fmt: skip
 
         columns = [
             keys,
@@ -143,7 +147,7 @@ class ZeroShotClassifier:
             column(predictions.probability),
             categories.take(column(predictions.top_category)),
             column(predictions.top_category_probability),
-            top_k(names.take(predictions.top_k.reshape(-1))),
-            top_k(pa.array(predictions.top_k_probabilities.reshape(-1))),
+            top_k(predictions.top_k, names.take),
+            top_k(predictions.top_k_probabilities, pa.array),
         ]
         return pa.Table.from_arrays(columns, schema=LABEL_SCHEMA)
