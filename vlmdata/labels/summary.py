@@ -23,14 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmdata.errors import UserError, one_line
+from vlmdata.pipeline.runner import ROOT_STATS
 from vlmdata.pipeline.shards import (
     PLAN,
     STAGE_DATA_FILES,
     ShardFiles,
-    complete_shard_stats,
     read_state_json,
     stage_of,
 )
+from vlmdata.pipeline.upstream import finished_shards
 
 CHUNK_SHARDS = 16  # label shards per lazy scan: 160k rows at the default --shard-size
 FINE_BINS = 2000  # histogram bins over each metric's range; quantiles are exact to one bin
@@ -74,23 +75,15 @@ def open_labels(path: Path, allow_incomplete: bool = False) -> LabelsRun:
             f"LABELS_DIR {path} holds a {stage} output, not labels; pass the output directory "
             "of `vlmdata labels classify`"
         )
-    done = {}
-    for marker in path.glob("*.stats.json"):
-        name = marker.name.removesuffix(".stats.json")
-        if (stats := complete_shard_stats(ShardFiles(path, name), LABEL_FILES)) is not None:
-            done[name] = stats
-    root = read_state_json(path / "stats.json", missing_ok=True) or {}
-    names = root.get("shard_names")
-    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
-        names = None  # stats.json edited or damaged: the run's shards are not known
-    complete = bool(root.get("complete")) and names is not None and done.keys() >= set(names)
+    done, complete = finished_shards(path, LABEL_FILES)
     if not complete and not allow_incomplete:
         raise UserError(
             f"LABELS_DIR {path} is an unfinished labels run ({len(done)} shards done so far); "
             "finish it by rerunning the same `vlmdata labels classify` command, or pass "
             "--allow-incomplete to report on the finished shards now"
         )
-    shards = tuple(names) if complete else tuple(sorted(done))
+    # A complete run's own shards (a stray finished marker is not one of them).
+    shards = tuple(read_state_json(path / ROOT_STATS)["shard_names"]) if complete else tuple(done)
     if not shards:
         raise UserError(f"LABELS_DIR {path} has no finished shard yet; rerun once one is done")
     return LabelsRun(
