@@ -15,6 +15,7 @@ import threading
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -144,3 +145,55 @@ def die_on_poison(data: bytes) -> int:
         os._exit(1)
     time.sleep(0.5)
     return len(data)
+
+
+# --- a learnable corpus for training tests: coloured shapes named by their captions ----------
+
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
+                 "yellow": (230, 210, 30)}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+
+
+def write_shape_images(folder: Path, count: int, seed: int = 0) -> None:
+    """``count`` images ``NNNN.jpg`` of one coloured shape each, with ``NNNN.txt`` captions
+    ("a red circle") that name both."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        colour, shape = rng.choice(list(SHAPE_COLOURS)), rng.choice(SHAPES)
+        image = Image.new("RGB", (96, 96), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        x, w = rng.randint(8, 30), rng.randint(40, 60)
+        fill = SHAPE_COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse([x, x, x + w, x + w], fill=fill)
+        elif shape == "square":
+            draw.rectangle([x, x, x + w, x + w], fill=fill)
+        else:
+            draw.polygon([(x, x + w), (x + w, x + w), (x + w // 2, x)], fill=fill)
+        image.save(folder / f"{i:04d}.jpg", quality=90)
+        (folder / f"{i:04d}.txt").write_text(f"a {colour} {shape}")
+
+
+def encode_folder(images: Path, out: Path, shard_size: int = 100, **options: object) -> Path:
+    """The tiny-random-clip features of an image folder (in process, no workers)."""
+    import warnings
+
+    from vlmdata.encode.stage import EncodeConfig, run_encode
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        run_encode(EncodeConfig(input_dir=str(images), output_dir=str(out),
+                                model="tiny-random-clip", workers=0, placeholder_filter=False,
+                                shard_size=shard_size, quiet=True, **options))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def shape_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An encode output of 240 coloured shapes in 3 shards (read-only: copy to change it)."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_shape_images(root / "images", 240)
+    return encode_folder(root / "images", root / "features")

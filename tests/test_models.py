@@ -160,12 +160,12 @@ def test_resnet_tower_is_refused_without_the_guard():
 
 PROBE = (
     "import warnings; warnings.simplefilter('ignore');"
-    "from vlmdata.encode.models import _hub_unreachable_reason as r; print(repr(r()))"
+    "from vlmdata.encode.models import hub_unreachable_reason as r; print(repr(r()))"
 )
 
 
 def probe(env_changes: dict[str, str | None], timeout: float = 60) -> str:
-    """``_hub_unreachable_reason()`` in a fresh process, so huggingface_hub reads this env."""
+    """``hub_unreachable_reason()`` in a fresh process, so huggingface_hub reads this env."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1"
     for key, value in env_changes.items():

@@ -115,6 +115,8 @@ def run_command(stage: Callable[[], object]) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous_term)
     typer.echo(summary if isinstance(summary, str) else summary.format())
+    if code := getattr(summary, "exit_code", 0):  # a run stopped by Ctrl-C, after saving
+        raise typer.Exit(code)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -438,6 +440,110 @@ def inspect(
     run_command(lambda: describe(path))
 
 
+# --- train: a projector (+ LLM) from the cached features ------------------------------------
+
+
+@app.command()
+def train(
+    features: Annotated[
+        list[str], typer.Argument(help="Encode outputs (HDF5 feature shards); several at once.")
+    ],
+    llm: Annotated[
+        str,
+        typer.Option(help="Causal LM: a hub id, a local directory, or tiny-random-llama (tests)."),
+    ],
+    out: Annotated[str, typer.Option(help="The run directory (config, checkpoints, metrics).")],
+    projector: Annotated[
+        str, typer.Option(help="linear, mlp2x_gelu (LLaVA-1.5), swiglu or resampler (Qwen-VL).")
+    ] = "mlp2x_gelu",
+    queries: Annotated[
+        int, typer.Option(help="Resampler: learnable queries (image tokens the LLM sees).")
+    ] = 64,
+    train_llm: Annotated[
+        str, typer.Option(help="none (frozen), full, or lora (needs the lora extra).")
+    ] = "none",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the projector.")] = 1e-3,
+    llm_lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate of the LLM [2e-5 full, 2e-4 LoRA].")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training examples.")] = 1,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps to train (overrides --epochs).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch (per process).")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    warmup: Annotated[
+        float, typer.Option(help="Warmup: a fraction of the steps (< 1) or a number of steps.")
+    ] = 0.03,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    max_length: Annotated[
+        int, typer.Option(help="Longest sequence in tokens (image included).")
+    ] = 512,
+    padding_side: Annotated[str, typer.Option(help="Pad batches on the left or right.")] = "right",
+    precision: Annotated[
+        str,
+        typer.Option(help="auto (GPU: bf16 where native, else fp16; CPU: fp32), fp32, fp16, bf16."),
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(help="Instruction before each caption (repeatable; one sampled per example)."),
+    ] = None,
+    prompts: Annotated[
+        str | None, typer.Option(help="A file of instructions, one per line.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Instruction data in LLaVA's conversation format (JSON or JSON lines)."),
+    ] = None,
+    no_captions: Annotated[
+        bool, typer.Option("--no-captions", help="Train on --data alone, not on the captions.")
+    ] = False,
+    init: Annotated[
+        str | None, typer.Option(help="Start from an earlier run's weights (a second stage).")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of keys held out.")] = 0.01,
+    val_samples: Annotated[int, typer.Option(help="Held-out examples per validation.")] = 1024,
+    eval_every: Annotated[int, typer.Option(help="Validation loss every N steps.")] = 200,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 500,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept (the newest).")] = 2,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and prompts.")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader processes reading HDF5.")] = min(
+        2, usable_cpus()
+    ),
+    allow_incomplete: AllowIncomplete = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a projector (and the LLM, with --train-llm) from cached features.
+
+    Example: vlmdata train feats/ --llm meta-llama/Llama-3.2-1B --out runs/projector
+    """
+    from vlmdata.train.trainer import DEFAULT_PROMPTS, TrainConfig, read_prompts, run_train
+
+    def stage():
+        return run_train(
+            TrainConfig(
+                features=tuple(features), llm=llm, out=out, projector=projector, queries=queries,
+                train_llm=train_llm, lora_rank=lora_rank, lr=lr, llm_lr=llm_lr, epochs=epochs,
+                max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
+                weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_length=max_length,
+                padding_side=padding_side, precision=precision, device=device,
+                prompts=read_prompts(prompt, prompts) or DEFAULT_PROMPTS, data=data,
+                captions=not no_captions, init=init, val_fraction=val_fraction,
+                val_samples=val_samples, eval_every=eval_every, save_every=save_every,
+                keep_checkpoints=keep_checkpoints, resume=resume, seed=seed, workers=workers,
+                allow_incomplete=allow_incomplete, quiet=quiet,
+            )
+        )  # fmt: skip
+
+    run_command(stage)
+
+
 # --- labels: zero-shot CLIP labels over the embeddings encode cached -------------------------
 
 labels_app = typer.Typer(
@@ -583,6 +689,115 @@ def labels_report(
                 quiet=quiet,
             )
         )
+
+    run_command(stage)
+
+
+# --- caption and eval: a trained run on new images, and on its held-out features -------------
+
+RunDir = Annotated[str, typer.Argument(help="A training run (the --out of vlmdata train).")]
+Checkpoint = Annotated[int | None, typer.Option(help="The checkpoint's step; default: the latest.")]
+RunDevice = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+RunPrecision = Annotated[
+    str,
+    typer.Option(help="auto (GPU: bf16 where native, else fp16; CPU: fp32), fp32, fp16, bf16."),
+]
+MaxNewTokens = Annotated[int, typer.Option(help="Longest caption, in tokens.")]
+GenerateBatch = Annotated[int, typer.Option(help="Images per generation batch.")]
+
+
+@app.command()
+def caption(
+    run_dir: RunDir,
+    images: Annotated[list[str], typer.Argument(help="Image files or http(s) URLs.")],
+    prompt: Annotated[
+        str | None, typer.Option(help="The instruction; default: the run's first training prompt.")
+    ] = None,
+    num: Annotated[int, typer.Option(help="Captions per image (sampling only).")] = 1,
+    temperature: Annotated[
+        float, typer.Option(help="0: greedy; above 0: sample with this temperature.")
+    ] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sample from the top-p probability mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    max_new_tokens: MaxNewTokens = 64,
+    batch_size: GenerateBatch = 16,
+    checkpoint: Checkpoint = None,
+    device: RunDevice = "auto",
+    precision: RunPrecision = "auto",
+    pretrained: Annotated[
+        str | None,
+        typer.Option(help="Where the features' CLIP weights file is now, if it moved."),
+    ] = None,
+    allow_private_network: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private-network", help="Allow URLs on private, loopback and link-local hosts."
+        ),
+    ] = False,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Also write the captions to this JSON file.")
+    ] = None,
+) -> None:
+    """Caption images with a trained run, encoding them as its features were made.
+
+    Exits 1 when an image could not be read, fetched or decoded (the others are captioned).
+    """
+    from vlmdata.train.caption import CaptionConfig, run_caption
+
+    def stage():
+        return run_caption(
+            CaptionConfig(
+                run_dir=run_dir, images=tuple(images), prompt=prompt, num=num,
+                temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, checkpoint=checkpoint, device=device, precision=precision,
+                pretrained=pretrained, allow_private_network=allow_private_network,
+                json_out=json_out,
+            )
+        )  # fmt: skip
+
+    run_command(stage)
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: RunDir,
+    features_dir: Annotated[
+        str, typer.Argument(help="Encode output holding the run's held-out keys.")
+    ],
+    samples: Annotated[int, typer.Option(help="Held-out images to caption and score.")] = 100,
+    prompt: Annotated[
+        str | None, typer.Option(help="The instruction; default: the run's first training prompt.")
+    ] = None,
+    images: Annotated[
+        str | None,
+        typer.Option(
+            help="The image shards (or image folder) the features came from: adds an HTML page "
+            "with thumbnails."
+        ),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Where eval.json goes; default: RUN_DIR/eval/CHECKPOINT.")
+    ] = None,
+    max_new_tokens: MaxNewTokens = 64,
+    batch_size: GenerateBatch = 16,
+    checkpoint: Checkpoint = None,
+    device: RunDevice = "auto",
+    precision: RunPrecision = "auto",
+    allow_incomplete: AllowIncomplete = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score a run on its held-out images: loss, perplexity, BLEU-1..4, CIDEr-D."""
+    from vlmdata.train.evaluate import EvalConfig, run_eval
+
+    def stage():
+        return run_eval(
+            EvalConfig(
+                run_dir=run_dir, features_dir=features_dir, samples=samples, prompt=prompt,
+                images=images, out=out, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                checkpoint=checkpoint, device=device, precision=precision,
+                allow_incomplete=allow_incomplete, quiet=quiet,
+            )
+        )  # fmt: skip
 
     run_command(stage)
 

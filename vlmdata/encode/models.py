@@ -322,7 +322,7 @@ def _options_for_tag(name: str, tag: str) -> dict:
             f"{tag!r} is neither a weights file nor a pretrained tag of {name} (tags: {tags}); "
             "pass --pretrained TAG, a local weights file, or none for random weights"
         )
-    if not _cached(config) and (reason := _hub_unreachable_reason()):
+    if not _cached(config) and (reason := hub_unreachable_reason()):
         from huggingface_hub import constants
 
         raise UserError(
@@ -379,7 +379,7 @@ def _cached(config: dict) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
 
 
-def _hub_unreachable_reason() -> str | None:
+def hub_unreachable_reason() -> str | None:
     """Why the hub cannot serve a download right now, or None when it answers.
 
     huggingface_hub is asked, not the network, so the answer holds for the download that
