@@ -10,8 +10,9 @@ The corpus is generated JPEGs with captions of 4-24 words, encoded by the encode
 under ``--work``. ``--real-size`` trains against a Llama-shaped LLM with random weights (hidden
 1024, 24 blocks, 16 heads, 4 KV heads, MLP 4096, a 128,256-token tied vocabulary: 0.5B
 parameters), also cached; its tokenizer is ByT5's byte tokenizer (no files), so captions are
-a token per byte, longer than a BPE tokenizer makes them. Measured in one run, alternating
-``--repeats`` times (the best of each counts: the runs least disturbed on a shared machine):
+a token per byte, longer than a BPE tokenizer makes them. Measured in one run, in short windows
+alternating ``--repeats`` times (the best of each counts: the least disturbed on a shared
+machine; the ratio of each pair shows the noise):
 
 1. from HDF5: the micro-batches of the trainer's own loader (FeatureDataset, EpochBatches,
    collate, ``--workers`` DataLoader processes, pinned memory on a GPU);
@@ -32,6 +33,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -48,10 +50,11 @@ from vlmdata.encode.stage import EncodeConfig, run_encode
 from vlmdata.errors import UserError
 from vlmdata.pipeline.shards import read_state_json
 from vlmdata.train.data import Batch, EpochBatches, FeatureDataset, collate
-from vlmdata.train.trainer import TrainConfig, _Distributed, _Trainer
+from vlmdata.train.distributed import Distributed
+from vlmdata.train.trainer import TrainConfig, _Trainer
 
 # Per device: batch size, steps per repeat, DataLoader workers.
-DEFAULTS = {"cpu": (16, 64, 1), "cuda": (32, 50, 4)}
+DEFAULTS = {"cpu": (16, 16, 1), "cuda": (32, 25, 4)}
 REAL_SIZE_LLAMA = {
     "vocab_size": 128_256,
     "hidden_size": 1024,
@@ -144,7 +147,7 @@ def build_trainer(config: TrainConfig, device: str, precision: str) -> _Trainer:
     schedule), in one process, without its loop."""
     Path(config.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    return _Trainer(config, Path(config.out), device, precision, _Distributed(0, 1, 0))
+    return _Trainer(config, Path(config.out), device, precision, Distributed(0, 1, 0))
 
 
 def memory_batches(trainer: _Trainer, start: int, count: int, pin: bool) -> list[Batch]:
@@ -326,13 +329,14 @@ def report(trainer: _Trainer, results: Results, args: argparse.Namespace, precis
             f"{1000 * rate.seconds / args.steps:>10.1f}"
         )
     disk, ram = best.values()
-    each = " ".join(
-        f"{d.samples_per_s / r.samples_per_s:.2f}"
+    pairs = [
+        d.samples_per_s / r.samples_per_s
         for d, r in zip(results.from_disk, results.in_memory, strict=True)
-    )
+    ]
     print(
-        f"\nfrom HDF5 / in memory = {disk.samples_per_s / ram.samples_per_s:.2f} "
-        f"(goal >= 0.9); each repeat: {each}"
+        f"\nfrom HDF5 / in memory = {disk.samples_per_s / ram.samples_per_s:.2f} (goal >= 0.9); "
+        f"window by window: {' '.join(f'{p:.2f}' for p in pairs)} "
+        f"(median {statistics.median(pairs):.2f})"
     )
     if results.split:
         parts = ", ".join(f"{name} {1000 * s:.1f}" for name, s in results.split.items())
@@ -378,8 +382,8 @@ def main() -> None:
     parser.add_argument("--train-llm", default="none", help="none, full or lora")
     parser.add_argument("--batch-size", type=int, help="default: 16 on CPU, 32 on a GPU")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--steps", type=int, help="per repeat; default: 64 on CPU, 50 on a GPU")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, help="per repeat; default: 16 on CPU, 25 on a GPU")
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--split-steps", type=int, default=16)
     parser.add_argument("--workers", type=int, help="default: 1 on CPU, 4 on a GPU")
     parser.add_argument(

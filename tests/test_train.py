@@ -115,12 +115,18 @@ _TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("template", [None, _TEMPLATE])
+# Qwen's shape: a special end-of-turn token, then a newline that belongs to no answer.
+_SPECIAL_END_TEMPLATE = _TEMPLATE.replace("<|end|>", "<|end|>\n")
+
+
+@pytest.mark.parametrize("template", [None, _TEMPLATE, _SPECIAL_END_TEMPLATE])
 def test_multi_turn_masks_cover_exactly_the_assistant_turns(template):
     llm = load_llm("tiny-random-llama", "cpu", torch.float32)
     llm.tokenizer.chat_template = template
+    if template == _SPECIAL_END_TEMPLATE:
+        llm.tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
     text = ConversationFormat(llm.tokenizer, 4, 512)
-    turns = [("<image>\nWhat colour?", "Red."), ("And the shape?", "A circle, small.")]
+    turns = [("<image>\nWhat colour?", "Red."), ("And the shape?", "A circle, <image>small.")]
     encoded = text.encode(turns)
     spans, current = [], []
     for token, label in zip(encoded.ids, encoded.labels, strict=True):
@@ -322,6 +328,14 @@ def test_cli_trains_and_reports(shape_features, tmp_path):
     changed = _cli(shape_features, "--llm", "tiny-random-llama", "--out", run, "--max-steps", 3,
                    "--batch-size", 4, "--resume")  # fmt: skip
     assert changed.exit_code == 2 and "--batch-size 4" in changed.output
+
+
+def test_sequences_cut_at_max_length_are_counted(shape_features, tmp_path):
+    summary = _train(shape_features, tmp_path / "run", max_length=90, max_steps=2)
+    assert summary.truncated > 0
+    assert "cut at --max-length" in summary.format()
+    recorded = json.loads((tmp_path / "run/summary.json").read_text())
+    assert recorded["truncated"] == summary.truncated
 
 
 def _refused(result: object, *words: str) -> None:

@@ -39,10 +39,9 @@ def caption_scores(references: Sequence[str], generated: Sequence[str]) -> dict[
 
     refs = [tokenize(r) for r in references]
     hyps = [tokenize(g) for g in generated]
-    scores = {
-        f"bleu_{n}": BLEU(max_ngram_order=n, tokenize="none").corpus_score(hyps, [refs]).score
-        for n in BLEU_ORDERS
-    }
+    # No smoothing, as coco-caption's BLEU: the figures compare with captioning papers.
+    bleu = {n: BLEU(max_ngram_order=n, tokenize="none", smooth_method="none") for n in BLEU_ORDERS}
+    scores = {f"bleu_{n}": bleu[n].corpus_score(hyps, [refs]).score for n in BLEU_ORDERS}
     if any(refs):  # pycocoevalcap fails on references without a single word
         ids = range(len(refs))
         cider, _ = Cider().compute_score({i: [refs[i]] for i in ids}, {i: [hyps[i]] for i in ids})

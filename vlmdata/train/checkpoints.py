@@ -92,7 +92,8 @@ def save_checkpoint(run_dir: Path, step: int, model: VisionLanguageModel, train_
         if train_llm == "full":
             model.llm.save_pretrained(tmp / "llm", safe_serialization=True)
         elif train_llm == "lora":
-            model.llm.save_pretrained(tmp / "lora")
+            # The embeddings are not adapted: peft need not check the vocabulary (on the hub).
+            model.llm.save_pretrained(tmp / "lora", save_embedding_layers=False)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     for path in tmp.rglob("*"):
         if path.is_file():
@@ -142,7 +143,10 @@ def trained_llm(run_dir: Path, checkpoint: Path, device: str, dtype: torch.dtype
     if config["train_llm"] == "lora":
         from peft import PeftModel
 
-        llm.model = PeftModel.from_pretrained(llm.model, checkpoint / "lora").merge_and_unload()
+        merged = PeftModel.from_pretrained(llm.model, checkpoint / "lora").merge_and_unload()
+        if hasattr(merged, "peft_config"):  # left behind by merging: a plain model again
+            del merged.peft_config
+        llm.model = merged
     return llm
 
 

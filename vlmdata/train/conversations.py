@@ -2,11 +2,12 @@
 
 A row is ``{"image": ..., "conversations": [{"from": "human", "value": "<image>\\n..."},
 {"from": "gpt", "value": ...}, ...]}`` (``id`` optional), in a JSON list or JSON lines. Its
-image is found among the cached rows by, in this order: the sample key (``image`` or ``id``),
-the URL or source path recorded upstream, the file name of either, and the file name's stem
-(LLaVA names images ``KEY.jpg``). A row that names no cached image, or several equally well,
-is counted and reported, never silently dropped. The join runs in polars over the encode
-shards' parquets, lazily: only rows whose names occur in the data are materialised.
+image is found among the cached rows by, in this order: ``image`` as the sample key or the URL
+or source path recorded upstream, its file name against theirs, its file name's stem against
+the key (LLaVA names images ``KEY.jpg``), and last the row's ``id``. A row that names no cached
+image, or several equally well, is counted and reported, never silently dropped. The join
+runs in polars over the encode shards' parquets, lazily: only rows whose names occur in the
+data are materialised.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class Conversations:
         for index, (image, row_id) in enumerate(self._names):
             base = image.rsplit("/", 1)[-1]
             stem = base.rsplit(".", 1)[0]
-            for name, rank in ((image, 0), (row_id, 0), (base, 1), (stem, 2)):
+            # LLaVA's "id" is the dataset's own number: trusted last, after the file names.
+            for name, rank in ((image, 0), (base, 1), (stem, 2), (row_id, 3)):
                 if name:
                     names.append(name)
                     rows.append(index)

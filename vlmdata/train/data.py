@@ -196,7 +196,7 @@ class FeatureDataset(torch.utils.data.Dataset):
             unique_rows, inverse = np.unique(rows[order], return_inverse=True)
             f = self._file(int(file_index))
             tokens = f["tokens"][unique_rows]  # h5py wants increasing, unique indices
-            keys = f["keys"][unique_rows] if len(unique_rows) else []
+            keys = f["keys"][unique_rows]
             captions = f["captions"][unique_rows]
             for j, position in enumerate(at[order]):
                 u = inverse[j]
@@ -218,7 +218,8 @@ class FeatureDataset(torch.utils.data.Dataset):
             turns = self.conversations.turns(conversation)
         encoded = self.text.encode(turns)
         return {"tokens": tokens, "ids": encoded.ids, "labels": encoded.labels,
-                "image_at": encoded.image_at, "key": key, "caption": caption}  # fmt: skip
+                "image_at": encoded.image_at, "key": key, "caption": caption,
+                "truncated": encoded.truncated}  # fmt: skip
 
     def _file(self, index: int) -> h5py.File:
         if self._pid != os.getpid():  # forked into a worker: the parent's handles are not ours
@@ -243,6 +244,7 @@ class Batch:
     image_at: torch.Tensor  # long [B]
     tokens: torch.Tensor  # float16 [B, T, C]
     keys: list[str]
+    truncated: int = 0  # sequences cut at --max-length
 
     def to(self, device: str) -> Batch:
         moved = {
@@ -274,7 +276,9 @@ def collate(examples: list[dict], pad_id: int, padding_side: str = "right") -> B
         image_at[i] = start + e["image_at"]
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     tokens = torch.from_numpy(np.stack([e["tokens"] for e in examples]))
-    return Batch(ids, labels, mask, positions, image_at, tokens, [e["key"] for e in examples])
+    keys = [e["key"] for e in examples]
+    cut = sum(bool(e.get("truncated")) for e in examples)
+    return Batch(ids, labels, mask, positions, image_at, tokens, keys, cut)
 
 
 class EpochBatches(torch.utils.data.Sampler):

@@ -31,12 +31,11 @@ class MetricsLog:
             return
         self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1)
 
-    def write(self, record: dict, flush: bool) -> None:
+    def write(self, record: dict) -> None:
         if self._file is None:
             return
         self._file.write(json.dumps(record) + "\n")
-        if flush or "val_loss" in record:
-            self._file.flush()
+        self._file.flush()  # a line per step: cheap, and a killed run keeps its log
         if self._tensorboard is not None:
             for name, value in record.items():
                 if name not in ("step", "epoch") and value is not None:

@@ -61,7 +61,7 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """(summed cross-entropy over the answer tokens, their count)."""
-        hidden = self.llm.get_decoder()(
+        hidden = _decoder(self.llm)(
             inputs_embeds=self.input_embeddings(batch),
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
@@ -97,3 +97,10 @@ class VisionLanguageModel(nn.Module):
             pad_token_id=stop_ids[0],
             use_cache=True,
         )
+
+
+def _decoder(llm: nn.Module) -> nn.Module:
+    """The transformer under the LM head (LlamaModel in LlamaForCausalLM), through a peft
+    wrapper; its LoRA layers, injected in place, stay in it."""
+    causal = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return getattr(causal, causal.base_model_prefix)

@@ -45,6 +45,7 @@ class ConversationFormat:
         self.max_length = max_length
         self.template = bool(getattr(tokenizer, "chat_template", None))
         self.pad_id = tokenizer.pad_token_id
+        self._stops: list[int] | None = None
 
     def encode(self, turns: list[tuple[str, str]]) -> Encoded:
         """A conversation (user, assistant) pairs -> ids and labels, cut to --max-length."""
@@ -58,6 +59,11 @@ class ConversationFormat:
 
     def stop_ids(self) -> list[int]:
         """Ids that end an answer: EOS, and the template's end-of-turn token when it has one."""
+        if self._stops is None:
+            self._stops = self._find_stop_ids()
+        return self._stops
+
+    def _find_stop_ids(self) -> list[int]:
         stops = [self.tokenizer.eos_token_id]
         if self.template:
             ids = self._text_ids(self._segments([("x", "y")], generation=False)[-1][0])
@@ -111,6 +117,8 @@ class ConversationFormat:
         for text, trained in segments:
             if trained and not text and not self.template:
                 piece = [self.tokenizer.eos_token_id]
+            elif trained:  # an answer is text only (_with_one_image took its <image>s out)
+                piece = self._text_ids(text)
             else:
                 before, found, after = text.partition(IMAGE)
                 piece = self._text_ids(before)
@@ -118,7 +126,7 @@ class ConversationFormat:
                     image_at = len(ids) + len(piece)
                     piece += [self.pad_id] * self.slots + self._text_ids(after)
             ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
+            labels += self._answer_labels(piece) if trained else [IGNORE] * len(piece)
         if image_at + self.slots > self.max_length:
             raise UserError(
                 f"--max-length {self.max_length} cuts the image: the prompt puts it at position "
@@ -126,6 +134,13 @@ class ConversationFormat:
             )
         truncated = len(ids) > self.max_length
         return Encoded(ids[: self.max_length], labels[: self.max_length], image_at, truncated)
+
+    def _answer_labels(self, piece: list[int]) -> list[int]:
+        """An answer's labels: its ids through the first stop id (a template's end of turn);
+        what the template writes after it (Qwen's newline) is no part of the answer."""
+        stops = set(self.stop_ids())
+        end = next((i + 1 for i, token in enumerate(piece) if token in stops), len(piece))
+        return piece[:end] + [IGNORE] * (len(piece) - end)
 
     def _text_ids(self, text: str) -> list[int]:
         if not text:
@@ -135,14 +150,15 @@ class ConversationFormat:
 
 def _with_one_image(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The turns with exactly one ``<image>``: where the first user turn has it, else at its
-    start; any other is dropped (one image per example)."""
+    start; any other, in any turn or answer, is dropped (one image per example)."""
     first, *rest = turns
     user, answer = first
     if IMAGE not in user:
         user = f"{IMAGE}\n{user}"
     head, _, tail = user.partition(IMAGE)
     user = head + IMAGE + tail.replace(IMAGE, "")
-    return [(user, answer)] + [(u.replace(IMAGE, ""), a) for u, a in rest]
+    answer = answer.replace(IMAGE, "")
+    return [(user, answer)] + [(u.replace(IMAGE, ""), a.replace(IMAGE, "")) for u, a in rest]
 
 
 def _require_prefix(prefix: str, text: str, tokenizer: object) -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from vlmdata.train.data import (
     evaluation_batches,
     open_feature_files,
 )
+from vlmdata.train.distributed import Distributed
 from vlmdata.train.metrics_log import MetricsLog
 from vlmdata.train.model import VisionLanguageModel
 from vlmdata.train.projectors import ProjectorConfig
@@ -65,7 +65,7 @@ DEFAULT_PROMPTS = (
 )
 # Options a resume may change: they do not change what is computed.
 _RESUMABLE = {"resume", "eval_every", "save_every", "workers", "quiet", "keep_checkpoints",
-              "log_every", "device"}  # fmt: skip
+              "device"}  # fmt: skip
 
 
 @dataclass
@@ -101,7 +101,6 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 500
     keep_checkpoints: int = 2
-    log_every: int = 1
     resume: bool = False
     seed: int = 0
     workers: int = 2
@@ -112,7 +111,7 @@ class TrainConfig:
         require_at_least(1, batch_size=self.batch_size, grad_accum=self.grad_accum,
                          epochs=self.epochs, eval_every=self.eval_every,
                          save_every=self.save_every, keep_checkpoints=self.keep_checkpoints,
-                         lora_rank=self.lora_rank, log_every=self.log_every,
+                         lora_rank=self.lora_rank,
                          max_length=self.max_length)  # fmt: skip
         require_at_least(0, workers=self.workers, val_samples=self.val_samples)
         if self.max_steps is not None:
@@ -152,8 +151,8 @@ class TrainSummary:
     val_examples: int
     unmatched: int = 0
     ambiguous: int = 0
+    truncated: int = 0  # training sequences cut at --max-length
     interrupted: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -170,7 +169,9 @@ class TrainSummary:
         if self.unmatched or self.ambiguous:
             lines.append(f"--data rows not used: {self.unmatched} name no cached image, "
                          f"{self.ambiguous} name several")  # fmt: skip
-        lines += self.notes
+        if self.truncated:
+            lines.append(f"{self.truncated} training sequences were cut at --max-length (their "
+                         "answers lost their end): raise it")  # fmt: skip
         checkpoint = ckpt.latest_checkpoint(self.run_dir)
         lines.append(f"checkpoint: {checkpoint}; metrics: {self.run_dir / 'metrics.jsonl'}")
         if self.interrupted:
@@ -190,7 +191,7 @@ class _Position:
 def run_train(config: TrainConfig) -> TrainSummary:
     """Train a projector (and the LLM when asked) on the features of ``config.features``."""
     out = Path(config.out)
-    distributed = _Distributed.from_environment()
+    distributed = Distributed.from_environment()
     with distributed:
         device = distributed.device or resolve_device(config.device, "fp32")
         precision = resolve_precision(config.precision, device)
@@ -203,7 +204,7 @@ def run_train(config: TrainConfig) -> TrainSummary:
 
 class _Trainer:
     def __init__(self, config: TrainConfig, out: Path, device: str, precision: str,
-                 distributed: _Distributed) -> None:  # fmt: skip
+                 distributed: Distributed) -> None:  # fmt: skip
         self.config, self.out, self.device, self.dist = config, out, device, distributed
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.precision = precision
@@ -215,9 +216,10 @@ class _Trainer:
         frozen_dtype = self.autocast if device == "cuda" and self.autocast else torch.float32
         llm_dtype = torch.float32 if config.train_llm == "full" else frozen_dtype
         run_config = self._run_config(files, init)
-        llm = ckpt.base_llm(run_config, device, llm_dtype)
-        if resume_from is not None and config.train_llm == "full":
+        if resume_from is not None and config.train_llm == "full":  # the trained LLM, once
             llm = ckpt.load_llm(config.llm, device, llm_dtype, weights_dir=resume_from / "llm")
+        else:
+            llm = ckpt.base_llm(run_config, device, llm_dtype)
         projector = ProjectorConfig(kind=config.projector, in_dim=files.width,
                                     out_dim=llm.hidden_size, tokens=files.tokens,
                                     queries=config.queries)  # fmt: skip
@@ -252,6 +254,8 @@ class _Trainer:
             self._restore(resume_from)
         elif distributed.rank == 0:
             atomic_write_json(out / ckpt.CONFIG, run_config)
+        self._saved_step = self.position.step if resume_from is not None else -1
+        self._truncated = 0  # in this run's steps
         self.wrapped = distributed.wrap(self.model)
         self.metrics = MetricsLog(out, self.position.step, enabled=distributed.rank == 0)
 
@@ -269,6 +273,12 @@ class _Trainer:
             raise UserError(
                 f"{self.out} holds a training run (at {latest.name}); pass --resume to continue "
                 "it, or another --out"
+            )
+        if existing.get("world_size", 1) != self.dist.world:
+            raise UserError(
+                f"{self.out} was trained on {existing.get('world_size', 1)} processes, this is "
+                f"{self.dist.world}: the data position is per process; resume with "
+                f"--nproc_per_node {existing.get('world_size', 1)}, or use another --out"
             )
         before = existing.get("options", {})
         now = _options(self.config)
@@ -340,7 +350,7 @@ class _Trainer:
             if not parameter.requires_grad:
                 continue
             part = "llm" if name.startswith("llm.") else "adapter"
-            decay = parameter.ndim >= 2 and "image_" not in name
+            decay = parameter.ndim >= 2  # matrices (and the resampler's queries)
             groups[(part, decay)].append(parameter)
         rates = {"adapter": self.config.lr, "llm": self.config.llm_learning_rate}
         return [
@@ -371,9 +381,10 @@ class _Trainer:
                    disable=config.quiet or self.dist.rank != 0, dynamic_ncols=True)  # fmt: skip
         micro_batches = self._micro_batches()
         with stop, bar:
-            while self.position.step < self.total_steps and not stop.requested:
+            while self.position.step < self.total_steps and not self._stopping(stop):
                 tick = time.perf_counter()
                 step_batches = [next(micro_batches) for _ in range(config.grad_accum)]
+                self._truncated += sum(b.truncated for b in step_batches)
                 waited = time.perf_counter() - tick
                 train_loss, grad_norm = self._optimizer_step(step_batches)
                 self.position.step += 1
@@ -384,7 +395,7 @@ class _Trainer:
                     or self.position.step == self.total_steps
                 ):
                     val_loss = record["val_loss"] = self.validation_loss()
-                self.metrics.write(record, self.position.step % config.log_every == 0)
+                self.metrics.write(record)
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)  # fmt: skip
                 bar.update()
@@ -393,7 +404,8 @@ class _Trainer:
                     and self.position.step < self.total_steps
                 ):
                     self._save()
-            self._save()
+            if self._saved_step != self.position.step:
+                self._save()
         if self.dist.rank == 0:
             self.metrics.plot()
         self.metrics.close()
@@ -402,16 +414,19 @@ class _Trainer:
             train_loss=train_loss, val_loss=val_loss, seconds=time.perf_counter() - started,
             examples=len(self.examples.train), val_examples=len(self.examples.val),
             unmatched=self.examples.unmatched, ambiguous=self.examples.ambiguous,
-            interrupted=stop.requested,
+            truncated=self.dist.sum(self._truncated),
+            interrupted=self.position.step < self.total_steps,
         )  # fmt: skip
         if self.dist.rank == 0:
-            atomic_write_json(self.out / "summary.json", {
-                "step": summary.step, "total_steps": summary.total_steps,
-                "train_loss": train_loss, "val_loss": val_loss, "interrupted": stop.requested,
-                "examples": summary.examples, "val_examples": summary.val_examples,
-                "unmatched": summary.unmatched, "ambiguous": summary.ambiguous,
-            })  # fmt: skip
+            fields = dataclasses.asdict(summary)
+            del fields["run_dir"]
+            atomic_write_json(self.out / "summary.json", fields)
         return summary
+
+    def _stopping(self, stop: _StopRequest) -> bool:
+        """Whether any rank was asked to stop: all ranks stop after the same step (one rank
+        saving while another trains on would deadlock their collectives)."""
+        return self.dist.sum(int(stop.requested)) > 0
 
     def _micro_batches(self) -> Iterator[Batch]:
         """This rank's micro-batches from the current position on, epoch after epoch."""
@@ -462,9 +477,11 @@ class _Trainer:
         self.scaler.unscale_(self.optimizer)
         parameters = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.scaler.get_scale() >= scale:  # fp16: an overflowing step is skipped, and so
+            self.scheduler.step()  # is its learning-rate step
         self.optimizer.zero_grad(set_to_none=True)
         return self.dist.sum(total.item()) / max(tokens, 1), float(norm)
 
@@ -500,6 +517,7 @@ class _Trainer:
         }  # fmt: skip
 
     def _save(self) -> None:
+        self._saved_step = self.position.step
         if self.dist.rank == 0:
             state = {
                 "optimizer": self.optimizer.state_dict(),
@@ -579,68 +597,3 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-
-
-class _Distributed:
-    """torchrun's process group when this process is one of several, else a no-op."""
-
-    def __init__(self, rank: int, world: int, local_rank: int) -> None:
-        self.rank, self.world, self.local_rank = rank, world, local_rank
-        self.device: str | None = None
-
-    @classmethod
-    def from_environment(cls) -> _Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    def __enter__(self) -> _Distributed:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(self.local_rank)
-                self.device = "cuda"
-            dist.init_process_group("nccl" if cuda else "gloo")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.world == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.local_rank] if self.device == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-
-    def no_sync(self, wrapped: torch.nn.Module, sync: bool) -> object:
-        return nullcontext() if sync or self.world == 1 else wrapped.no_sync()
-
-    def sum(self, value: float | int) -> float | int:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device or "cpu")
-        dist.all_reduce(tensor)
-        return type(value)(tensor.item())
-
-    def gather_rng(self, state: torch.Tensor) -> list[torch.Tensor]:
-        if self.world == 1:
-            return [state]
-        import torch.distributed as dist
-
-        states: list = [None] * self.world
-        dist.all_gather_object(states, state)
-        return states
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
