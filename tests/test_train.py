@@ -370,3 +370,27 @@ def test_features_of_another_layer_are_refused(shape_features, tmp_path):
     result = _cli(shape_features, tmp_path / "f", "--llm", "tiny-random-llama", "--out",
                   tmp_path / "r", "--max-steps", 1)  # fmt: skip
     _refused(result, "layer=", "one model, layer and grid")
+
+
+def _saved_llm(folder: Path, **config: object) -> Path:
+    """tiny-random-llama saved as a local model directory, its config changed by ``config``."""
+    llm = load_llm("tiny-random-llama", "cpu", torch.float32)
+    for name, value in config.items():
+        setattr(llm.model.config, name, value)
+    llm.model.save_pretrained(folder)
+    llm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_local_model_directory_trains(shape_features, tmp_path):
+    llm = _saved_llm(tmp_path / "llm")
+    summary = run_train(TrainConfig(features=(str(shape_features),), out=str(tmp_path / "run"),
+                                    **{**FAST, "llm": str(llm)}, max_steps=1))  # fmt: skip
+    assert summary.step == 1
+    assert json.loads((tmp_path / "run/config.json").read_text())["llm"] == str(llm)
+
+
+def test_models_that_cap_their_logits_are_refused(shape_features, tmp_path):
+    llm = _saved_llm(tmp_path / "gemma-like", final_logit_softcapping=30.0)
+    result = _cli(shape_features, "--llm", llm, "--out", tmp_path / "r", "--max-steps", 1)
+    _refused(result, "caps its logits")

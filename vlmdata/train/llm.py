@@ -55,12 +55,25 @@ def load_llm(name: str, device: str, dtype: object, weights_dir: Path | None = N
         model = _tiny_llama(tokenizer).to(dtype=dtype)
     else:
         model = _from_pretrained(_checked_source(name), dtype)
+    _refuse_scaled_logits(model.config, name)
     if tokenizer.pad_token_id is None:  # Llama's tokenizers have none: any id works, as it
         tokenizer.pad_token = tokenizer.eos_token  # is masked out of attention and loss
     model = model.to(device)
     model.config.use_cache = False  # training; generate turns it on for itself
     return LoadedLLM(model=model, tokenizer=tokenizer, name=name,
                      hidden_size=int(model.get_input_embeddings().weight.shape[1]))  # fmt: skip
+
+
+def _refuse_scaled_logits(config: object, name: str) -> None:
+    """The VLM computes logits from the LM head alone (on answer positions only): a model whose
+    forward rescales or caps them (Gemma 2/3, Cohere) would train on another loss."""
+    capped = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    if capped or scale not in (None, 1, 1.0):
+        raise UserError(
+            f"--llm {name} scales or caps its logits in its forward, which vlmdata's loss does not "
+            "reproduce; use a Llama, Qwen2 or SmolLM-style model"
+        )
 
 
 def load_tokenizer(name: str) -> object:

@@ -212,8 +212,10 @@ class _Trainer:
         files = open_feature_files(config.features, config.allow_incomplete)
         conversations = Conversations(Path(config.data)) if config.data else None
         init = self._init_run(files.attrs)
-        # Frozen LLM weights on a GPU in the autocast dtype: no optimizer ever touches them.
-        frozen_dtype = self.autocast if device == "cuda" and self.autocast else torch.float32
+        # Frozen LLM weights on a GPU in bf16 when it autocasts to bf16: no optimizer ever
+        # touches them. Not in fp16: Llama-3's activations overflow it; they stay fp32.
+        bf16 = device == "cuda" and self.autocast == torch.bfloat16
+        frozen_dtype = torch.bfloat16 if bf16 else torch.float32
         llm_dtype = torch.float32 if config.train_llm == "full" else frozen_dtype
         run_config = self._run_config(files, init)
         if resume_from is not None and config.train_llm == "full":  # the trained LLM, once
