@@ -51,7 +51,7 @@ from vlmdata.errors import UserError
 from vlmdata.pipeline.shards import read_state_json
 from vlmdata.train.data import Batch, EpochBatches, FeatureDataset, collate
 from vlmdata.train.distributed import Distributed
-from vlmdata.train.trainer import TrainConfig, _Trainer
+from vlmdata.train.trainer import TrainConfig, Trainer
 
 # Per device: batch size, steps per repeat, DataLoader workers.
 DEFAULTS = {"cpu": (16, 16, 1), "cuda": (32, 25, 4)}
@@ -142,15 +142,15 @@ def real_size_llm(work: Path, device: str) -> Path:
     return folder
 
 
-def build_trainer(config: TrainConfig, device: str, precision: str) -> _Trainer:
+def build_trainer(config: TrainConfig, device: str, precision: str) -> Trainer:
     """The trainer `vlmdata train` runs (features, examples, LLM, projector, optimizer,
     schedule), in one process, without its loop."""
     Path(config.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    return _Trainer(config, Path(config.out), device, precision, Distributed(0, 1, 0))
+    return Trainer(config, Path(config.out), device, precision, Distributed(0, 1, 0, device))
 
 
-def memory_batches(trainer: _Trainer, start: int, count: int, pin: bool) -> list[Batch]:
+def memory_batches(trainer: Trainer, start: int, count: int, pin: bool) -> list[Batch]:
     """Micro-batches ``start`` to ``start + count`` of the trainer's epoch 0 (the ones its loader
     yields there), collated now."""
     config = trainer.config
@@ -188,7 +188,7 @@ class Rate:
         return self.tokens / self.seconds
 
 
-def train_steps(trainer: _Trainer, batches: Iterator[Batch], steps: int) -> Rate:
+def train_steps(trainer: Trainer, batches: Iterator[Batch], steps: int) -> Rate:
     """``steps`` optimizer steps of the trainer on ``batches``, timed; tokens are sequence
     positions (image slots included), as the trainer's tokens/s counts them."""
     rate = Rate()
@@ -198,7 +198,7 @@ def train_steps(trainer: _Trainer, batches: Iterator[Batch], steps: int) -> Rate
     started = time.perf_counter()
     for _ in range(steps):
         step = [next(batches) for _ in range(trainer.config.grad_accum)]
-        trainer._optimizer_step(step)  # ends with .item(): the GPU has finished the step
+        trainer.optimizer_step(step)  # ends with .item(): the GPU has finished the step
         rate.samples += sum(len(b.keys) for b in step)
         rate.tokens += sum(int(b.attention_mask.sum()) for b in step)
     rate.seconds = time.perf_counter() - started
@@ -207,7 +207,7 @@ def train_steps(trainer: _Trainer, batches: Iterator[Batch], steps: int) -> Rate
     return rate
 
 
-def step_split(trainer: _Trainer, batches: Iterator[Batch], steps: int) -> dict[str, float]:
+def step_split(trainer: Trainer, batches: Iterator[Batch], steps: int) -> dict[str, float]:
     """Seconds per optimizer step in data wait, forward, backward (with loss scaling and
     clipping) and the optimizer, cut by forward and optimizer hooks."""
     sync = torch.cuda.synchronize if trainer.device == "cuda" else lambda: None
@@ -241,7 +241,7 @@ def step_split(trainer: _Trainer, batches: Iterator[Batch], steps: int) -> dict[
             started = time.perf_counter()
             step = [next(batches) for _ in range(trainer.config.grad_accum)]
             spent["data wait"] += time.perf_counter() - started
-            trainer._optimizer_step(step)
+            trainer.optimizer_step(step)
             total += time.perf_counter() - started
     finally:
         for handle in handles:
@@ -258,7 +258,7 @@ class Results:
     in_memory_bytes: int
 
 
-def measure(trainer: _Trainer, steps: int, repeats: int, split_steps: int) -> Results:
+def measure(trainer: Trainer, steps: int, repeats: int, split_steps: int) -> Results:
     """Alternately ``steps`` steps from HDF5 and the same steps' batches from memory,
     ``repeats`` times, then the split of ``split_steps`` steps from HDF5."""
     accum = trainer.config.grad_accum
@@ -267,7 +267,7 @@ def measure(trainer: _Trainer, steps: int, repeats: int, split_steps: int) -> Re
     in_ram = [
         memory_batches(trainer, start, steps * accum, trainer.device == "cuda") for start in starts
     ]
-    from_disk = trainer._micro_batches()
+    from_disk = trainer.micro_batches()
     train_steps(trainer, from_disk, _WARMUP_STEPS)  # starts the workers
     train_steps(trainer, cycle(in_ram[0]), _WARMUP_STEPS)
     disk_runs, ram_runs = [], []
@@ -299,7 +299,7 @@ def steps_from_disk(steps: int, repeats: int, split_steps: int, workers: int, ac
     return (_WARMUP_STEPS + repeats * (settle + steps) + split_steps) * accum
 
 
-def report(trainer: _Trainer, results: Results, args: argparse.Namespace, precision: str) -> None:
+def report(trainer: Trainer, results: Results, args: argparse.Namespace, precision: str) -> None:
     device, llm = trainer.device, trainer.model.llm
     params = sum(p.numel() for p in llm.parameters()) / 1e6
     where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores"

@@ -184,7 +184,7 @@ def test_true_features_beat_shuffled_features(shape_features, tmp_path):
 
 def _interrupt_at(monkeypatch, step: int, how: str) -> None:
     """Ctrl-C (a real SIGINT) or a crash after optimizer step ``step``."""
-    original = trainer_module._Trainer._optimizer_step
+    original = trainer_module.Trainer.optimizer_step
 
     def step_then_stop(self, batches):
         result = original(self, batches)
@@ -195,7 +195,7 @@ def _interrupt_at(monkeypatch, step: int, how: str) -> None:
                 raise RuntimeError("simulated crash")
         return result
 
-    monkeypatch.setattr(trainer_module._Trainer, "_optimizer_step", step_then_stop)
+    monkeypatch.setattr(trainer_module.Trainer, "optimizer_step", step_then_stop)
 
 
 @pytest.mark.parametrize(("train_llm", "how"), [("none", "sigint"), ("lora", "crash"),

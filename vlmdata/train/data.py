@@ -177,7 +177,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.paths, self.table, self.text = files.paths, table, text
         self.prompts, self.conversations, self.seed = prompts, conversations, seed
         self.epoch = 0
-        self._handles: dict[int, h5py.File] = {}
+        self._handles: dict[int, tuple[h5py.Dataset, h5py.Dataset, h5py.Dataset]] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -194,10 +194,12 @@ class FeatureDataset(torch.utils.data.Dataset):
             rows = chosen[at, 1]
             order = np.argsort(rows, kind="stable")
             unique_rows, inverse = np.unique(rows[order], return_inverse=True)
-            f = self._file(int(file_index))
-            tokens = f["tokens"][unique_rows]  # h5py wants increasing, unique indices
-            keys = f["keys"][unique_rows]
-            captions = f["captions"][unique_rows]
+            token_rows, key_rows, caption_rows = self._datasets(int(file_index))
+            # Row by row, a plain read of each row's chunk: h5py's fancy indexing over
+            # [16, 64, 1024] tokens costs ~50 ms, these reads ~0.3 ms.
+            tokens = np.stack([token_rows[r] for r in unique_rows.tolist()])
+            keys = key_rows[unique_rows]  # h5py wants increasing, unique indices
+            captions = caption_rows[unique_rows]
             for j, position in enumerate(at[order]):
                 u = inverse[j]
                 out[position] = self._example(
@@ -221,11 +223,14 @@ class FeatureDataset(torch.utils.data.Dataset):
                 "image_at": encoded.image_at, "key": key, "caption": caption,
                 "truncated": encoded.truncated}  # fmt: skip
 
-    def _file(self, index: int) -> h5py.File:
+    def _datasets(self, index: int) -> tuple[h5py.Dataset, h5py.Dataset, h5py.Dataset]:
+        """(tokens, keys, captions) of file ``index``, opened once per process (looking a
+        dataset up costs ~0.1 ms a time)."""
         if self._pid != os.getpid():  # forked into a worker: the parent's handles are not ours
             self._handles, self._pid = {}, os.getpid()
         if index not in self._handles:
-            self._handles[index] = h5py.File(self.paths[index], "r")
+            f = h5py.File(self.paths[index], "r")
+            self._handles[index] = (f["tokens"], f["keys"], f["captions"])
         return self._handles[index]
 
 

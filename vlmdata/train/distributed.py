@@ -12,28 +12,36 @@ from contextlib import nullcontext
 
 import torch
 
+from vlmdata.errors import UserError
+
 
 class Distributed:
     """torchrun's process group when this process is one of several, else a no-op."""
 
-    def __init__(self, rank: int, world: int, local_rank: int) -> None:
+    def __init__(self, rank: int, world: int, local_rank: int, device: str = "cpu") -> None:
         self.rank, self.world, self.local_rank = rank, world, local_rank
-        self.device: str | None = None
+        self.device = device  # resolved: cpu or cuda
 
     @classmethod
-    def from_environment(cls) -> Distributed:
+    def from_environment(cls, device: str) -> Distributed:
+        """This process's place in torchrun's job (alone without torchrun) on ``device``."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(rank, world, local_rank, device)
 
     def __enter__(self) -> Distributed:
         if self.world > 1:
             import torch.distributed as dist
 
-            cuda = torch.cuda.is_available()
-            if cuda:
+            if self.device == "cuda":
+                gpus = torch.cuda.device_count()
+                if self.local_rank >= gpus:
+                    raise UserError(
+                        f"torchrun started more processes on this machine than its {gpus} GPUs; "
+                        f"pass --nproc-per-node {gpus} (or --device cpu)"
+                    )
                 torch.cuda.set_device(self.local_rank)
-                self.device = "cuda"
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group("nccl" if self.device == "cuda" else "gloo")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -191,18 +191,18 @@ class _Position:
 def run_train(config: TrainConfig) -> TrainSummary:
     """Train a projector (and the LLM when asked) on the features of ``config.features``."""
     out = Path(config.out)
-    distributed = Distributed.from_environment()
+    device = resolve_device(config.device, "fp32")
+    precision = resolve_precision(config.precision, device)
+    distributed = Distributed.from_environment(device)
     with distributed:
-        device = distributed.device or resolve_device(config.device, "fp32")
-        precision = resolve_precision(config.precision, device)
         rng_devices = [torch.cuda.current_device()] if device == "cuda" else []
         lock = exclusive_output(out) if distributed.rank == 0 else nullcontext()
         with lock, torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(config.seed)  # scoped: the caller's RNG is restored afterwards
-            return _Trainer(config, out, device, precision, distributed).run()
+            return Trainer(config, out, device, precision, distributed).run()
 
 
-class _Trainer:
+class Trainer:
     def __init__(self, config: TrainConfig, out: Path, device: str, precision: str,
                  distributed: Distributed) -> None:  # fmt: skip
         self.config, self.out, self.device, self.dist = config, out, device, distributed
@@ -381,14 +381,14 @@ class _Trainer:
         train_loss = val_loss = None
         bar = tqdm(total=self.total_steps, initial=self.position.step, unit="step",
                    disable=config.quiet or self.dist.rank != 0, dynamic_ncols=True)  # fmt: skip
-        micro_batches = self._micro_batches()
+        micro_batches = self.micro_batches()
         with stop, bar:
             while self.position.step < self.total_steps and not self._stopping(stop):
                 tick = time.perf_counter()
                 step_batches = [next(micro_batches) for _ in range(config.grad_accum)]
                 self._truncated += sum(b.truncated for b in step_batches)
                 waited = time.perf_counter() - tick
-                train_loss, grad_norm = self._optimizer_step(step_batches)
+                train_loss, grad_norm = self.optimizer_step(step_batches)
                 self.position.step += 1
                 seconds = time.perf_counter() - tick
                 record = self._record(step_batches, train_loss, grad_norm, seconds, waited)
@@ -430,7 +430,7 @@ class _Trainer:
         saving while another trains on would deadlock their collectives)."""
         return self.dist.sum(int(stop.requested)) > 0
 
-    def _micro_batches(self) -> Iterator[Batch]:
+    def micro_batches(self) -> Iterator[Batch]:
         """This rank's micro-batches from the current position on, epoch after epoch."""
         while True:
             epoch, start = self.position.epoch, self.position.batch
@@ -462,7 +462,7 @@ class _Trainer:
             generator=torch.Generator().manual_seed(self.config.seed + epoch),
         )
 
-    def _optimizer_step(self, batches: list[Batch]) -> tuple[float, float]:
+    def optimizer_step(self, batches: list[Batch]) -> tuple[float, float]:
         """One optimizer step over ``batches`` (this rank's micro-batches); every answer token
         of the step, on every rank, weighs the same. Returns (mean loss, gradient norm)."""
         tokens = self.dist.sum(sum(b.target_tokens for b in batches))
