@@ -331,7 +331,7 @@ def test_cli_trains_and_reports(shape_features, tmp_path):
 
 
 def test_sequences_cut_at_max_length_are_counted(shape_features, tmp_path):
-    summary = _train(shape_features, tmp_path / "run", max_length=90, max_steps=2)
+    summary = _train(shape_features, tmp_path / "run", max_length=110, max_steps=2)
     assert summary.truncated > 0
     assert "cut at --max-length" in summary.format()
     recorded = json.loads((tmp_path / "run/summary.json").read_text())
@@ -360,7 +360,8 @@ def test_mistakes_are_one_line(shape_features, tmp_path):
     bad.write_text('[{"image": "x"}]')
     _refused(_cli(*tiny, "--data", bad), "row 1", "conversations")
     _refused(_cli(*tiny, "--prompts", tmp_path / "none.txt"), "--prompts")
-    _refused(_cli(tmp_path, "--llm", "tiny-random-llama", "--out", tmp_path / "r2"),
+    (tmp_path / "pictures").mkdir()
+    _refused(_cli(tmp_path / "pictures", "--llm", "tiny-random-llama", "--out", tmp_path / "r2"),
              "not a vlmdata encode output")  # fmt: skip
 
 

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from vlmdata.errors import UserError
+from vlmdata.errors import UserError, one_line
 from vlmdata.pipeline.shards import atomic_write_json, fsync_dir, read_state_json
-from vlmdata.train.llm import LoadedLLM, load_llm
+from vlmdata.train.llm import LoadedLLM, load_llm, no_progress_bars
 from vlmdata.train.model import VisionLanguageModel
 from vlmdata.train.projectors import ProjectorConfig
 from vlmdata.train.sequence import ConversationFormat
@@ -35,6 +35,10 @@ CONFIG = "config.json"
 ADAPTER = "projector.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 _LATEST = "latest.json"
+T = TypeVar("T")
+# What a run config must hold, and of which type, to be loaded again.
+_RUN_FIELDS = {"llm": str, "train_llm": str, "prompts": list, "projector": dict, "features": dict,
+               "options": dict}  # fmt: skip
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -46,6 +50,12 @@ def read_run_config(run_dir: Path) -> dict:
     if config is None or "projector" not in config:
         raise UserError(
             f"{run_dir} is not a vlmdata training run (no {CONFIG}); pass a train --out"
+        )
+    wrong = [name for name, kind in _RUN_FIELDS.items() if not isinstance(config.get(name), kind)]
+    if wrong or not isinstance(config["features"].get("attrs"), dict):
+        raise UserError(
+            f"{run_dir / CONFIG} is damaged ({', '.join(wrong) or 'features'}); restore it, or "
+            "train again"
         )
     return config
 
@@ -88,7 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, model: VisionLanguageModel, train_
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.adapter_state().items()},
               tmp / ADAPTER)  # fmt: skip
-    with _no_progress_bars():  # a bar per save would break the training bar's line
+    with no_progress_bars():  # a bar per save would break the training bar's line
         if train_llm == "full":
             model.llm.save_pretrained(tmp / "llm", safe_serialization=True)
         elif train_llm == "lora":
@@ -109,28 +119,42 @@ def save_checkpoint(run_dir: Path, step: int, model: VisionLanguageModel, train_
     return final
 
 
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
-
-
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
+    """The optimizer, scheduler, RNG and data position saved with ``checkpoint``."""
+    path = checkpoint / TRAINER_STATE
+    return _read(path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+
+
+def load_adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The projector and image begin/end embeddings saved with ``checkpoint``."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / ADAPTER
+    return _read(path, lambda: load_file(path))
+
+
+def _read(path: Path, load: Callable[[], T]) -> T:
+    """``load()`` of a checkpoint file, a damaged or missing one reported in one line."""
+    try:
+        return load()
+    except Exception as e:  # torch, pickle and safetensors each raise their own kinds
+        raise UserError(
+            f"{path} is damaged or missing ({one_line(e, 100)}); delete its checkpoint and point "
+            f"{_LATEST} at an earlier one, or train again"
+        ) from None
 
 
 def base_llm(config: dict, device: str, dtype: torch.dtype) -> LoadedLLM:
     """The LLM a run started from: ``--llm``, or the trained LLM of its ``--init`` run."""
     init = config.get("init")
-    if init:
-        return trained_llm(Path(init["run"]), Path(init["checkpoint"]), device, dtype)
+    if init and init.get("llm"):  # the earlier run trained its LLM: this one starts from it
+        run = Path(init["run"])
+        if not (run / CONFIG).exists():
+            raise UserError(
+                f"{run}, the --init run this one started from (with its trained LLM), is gone; "
+                "put it back where it was"
+            )
+        return trained_llm(run, Path(init["checkpoint"]), device, dtype)
     return load_llm(config["llm"], device, dtype)
 
 
@@ -161,13 +185,11 @@ class TrainedModel:
 def load_trained(run_dir: Path, step: int | None, device: str, dtype: torch.dtype) -> TrainedModel:
     """A run's model at checkpoint ``step`` (the latest when None), in eval mode, for
     captioning and evaluation."""
-    from safetensors.torch import load_file
-
     config = read_run_config(run_dir)
     checkpoint = checkpoint_of(run_dir, step)
     llm = trained_llm(run_dir, checkpoint, device, dtype)
     model = VisionLanguageModel(llm.model, ProjectorConfig(**config["projector"]))
-    model.load_adapter_state(load_file(checkpoint / ADAPTER))
+    model.load_adapter_state(load_adapter(checkpoint))
     model.to(device).eval()
     text = ConversationFormat(llm.tokenizer, model.image_slots - 2, config["options"]["max_length"])
     return TrainedModel(model=model, text=text, config=config, checkpoint=checkpoint)

@@ -133,7 +133,7 @@ def _named(rows: pl.LazyFrame, name: pl.Expr, rank: int) -> pl.LazyFrame:
 
 def _rows(path: Path) -> list:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read --data {path}: {one_line(e, 120)}") from None
     stripped = text.lstrip()

@@ -56,7 +56,7 @@ def open_feature_files(dirs: Sequence[str | Path], allow_incomplete: bool = Fals
     if not dirs:
         raise UserError("pass at least one FEATURES_DIR (an output of `vlmdata encode`)")
     paths, shard_dirs, rows, first = [], [], [], None
-    for folder in dict.fromkeys(Path(d) for d in dirs):
+    for folder in dict.fromkeys(Path(d).resolve() for d in dirs):  # one dir named two ways
         features = open_features(folder, allow_incomplete)
         for shard in features.shards:
             attrs = _attrs(shard.h5)
@@ -125,6 +125,7 @@ class Examples:
     val: np.ndarray  # int64 [M, 3]
     unmatched: int  # --data rows that name no cached image
     ambiguous: int  # --data rows that name several
+    too_long: int  # --data rows whose image lies past --max-length
 
 
 def build_examples(
@@ -132,14 +133,24 @@ def build_examples(
     val_fraction: float,
     conversations: Conversations | None,
     captions: bool,
+    text: ConversationFormat | None = None,
 ) -> Examples:
     """The example index: every row (on its caption, when ``captions``) and every joined
-    conversation, split by key."""
+    conversation (whose image fits ``text``'s --max-length, when given), split by key."""
     parts, is_val = [], []
     joined = conversations.join(files) if conversations is not None else None
+    too_long = 0
+    if joined is not None and text is not None:  # found now, not by a worker mid-training
+        for index, rows in list(joined.by_file.items()):
+            fits = np.array([text.image_fits(conversations.turns(int(c))) for c in rows[:, 1]])
+            too_long += int((~fits).sum())
+            joined.by_file[index] = rows[fits]
     for index, path in enumerate(files.paths):
-        with h5py.File(path, "r") as f:
-            keys = f["keys"][:]
+        try:
+            with h5py.File(path, "r") as f:
+                keys = f["keys"][:]
+        except (OSError, KeyError) as e:
+            raise UserError(f"{path} is damaged ({one_line(e, 120)}); rerun the encode") from None
         val_rows = split_fraction(keys) < val_fraction
         if captions:
             rows = np.arange(len(keys))
@@ -157,6 +168,7 @@ def build_examples(
     return Examples(
         train=table[~val], val=table[val],
         unmatched=joined.unmatched if joined else 0, ambiguous=joined.ambiguous if joined else 0,
+        too_long=too_long,
     )  # fmt: skip
 
 

@@ -10,6 +10,8 @@ reached, as encode's model loading does, instead of after transformers' retries.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,11 +113,26 @@ def _from_pretrained(source: str, dtype: object) -> object:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=_local_only(source)
-        )
+        with no_progress_bars():  # one line per load would break the training bar's line
+            return AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=_local_only(source)
+            )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the causal LM {source}: {one_line(e, 200)}") from None
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars (loading and saving weights) off inside the block."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def _checked_source(name: str) -> str:

@@ -8,6 +8,7 @@ are logged once, not twice.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from vlmdata.pipeline.shards import atomic_write_bytes
@@ -34,7 +35,10 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(record) + "\n")
+        # NaN and inf are no JSON: strict readers (and polars) refuse them.
+        finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                  for k, v in record.items()}  # fmt: skip
+        self._file.write(json.dumps(finite) + "\n")
         self._file.flush()  # a line per step: cheap, and a killed run keeps its log
         if self._tensorboard is not None:
             for name, value in record.items():

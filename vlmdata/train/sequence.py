@@ -57,6 +57,12 @@ class ConversationFormat:
         begins (the template's generation prompt)."""
         return self._tokenize(self._segments([(prompt, "")], generation=True))
 
+    def image_fits(self, turns: list[tuple[str, str]]) -> bool:
+        """Whether the image of this conversation lies within --max-length (text before it in
+        the first turn, or a long template header, can push it out)."""
+        prompt = self._tokenize(self._segments(turns[:1], generation=True), check=False)
+        return prompt.image_at + self.slots <= self.max_length
+
     def stop_ids(self) -> list[int]:
         """Ids that end an answer: EOS, and the template's end-of-turn token when it has one."""
         if self._stops is None:
@@ -106,7 +112,7 @@ class ConversationFormat:
             messages, tokenize=False, add_generation_prompt=generation_prompt
         )
 
-    def _tokenize(self, segments: list[tuple[str, bool]]) -> Encoded:
+    def _tokenize(self, segments: list[tuple[str, bool]], check: bool = True) -> Encoded:
         ids: list[int] = []
         labels: list[int] = []
         bos = self.tokenizer.bos_token_id
@@ -127,7 +133,7 @@ class ConversationFormat:
                     piece += [self.pad_id] * self.slots + self._text_ids(after)
             ids += piece
             labels += self._answer_labels(piece) if trained else [IGNORE] * len(piece)
-        if image_at + self.slots > self.max_length:
+        if check and image_at + self.slots > self.max_length:
             raise UserError(
                 f"--max-length {self.max_length} cuts the image: the prompt puts it at position "
                 f"{image_at}; use at least {image_at + self.slots + _MIN_TEXT}"

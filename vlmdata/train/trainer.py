@@ -12,6 +12,7 @@ tokens across micro-batches and ranks, so N ranks train as one process with N ti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import signal
@@ -26,15 +27,17 @@ import torch
 from tqdm import tqdm
 
 from vlmdata import __version__
-from vlmdata.encode.models import resolve_device, resolve_precision
+from vlmdata.encode.models import PRECISIONS, resolve_device, resolve_precision
 from vlmdata.errors import UserError, one_line, require_at_least, require_finite
 from vlmdata.pipeline.shards import atomic_write_json, exclusive_output, read_state_json
+from vlmdata.pipeline.upstream import marker_of
 from vlmdata.train import checkpoints as ckpt
 from vlmdata.train.conversations import Conversations
 from vlmdata.train.data import (
     Batch,
     EpochBatches,
     FeatureDataset,
+    FeatureFiles,
     batches_per_epoch,
     build_examples,
     collate,
@@ -65,7 +68,7 @@ DEFAULT_PROMPTS = (
 )
 # Options a resume may change: they do not change what is computed.
 _RESUMABLE = {"resume", "eval_every", "save_every", "workers", "quiet", "keep_checkpoints",
-              "device"}  # fmt: skip
+              "device", "out"}  # fmt: skip
 
 
 @dataclass
@@ -129,6 +132,13 @@ class TrainConfig:
         require_finite("--max-grad-norm", self.max_grad_norm, 0, 1e9)
         if self.llm_lr is not None:
             require_finite("--llm-lr", self.llm_lr, 0, 10)
+        if self.precision not in PRECISIONS:
+            choices = ", ".join(PRECISIONS)
+            raise UserError(f"--precision must be one of {choices}, got {self.precision!r}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if Path(self.llm).is_dir():  # recorded absolute: caption and --init run from elsewhere
+            self.llm = str(Path(self.llm).resolve())
         if not self.prompts or not all(p.strip() for p in self.prompts):
             raise UserError("--prompt must not be empty")
 
@@ -151,6 +161,7 @@ class TrainSummary:
     val_examples: int
     unmatched: int = 0
     ambiguous: int = 0
+    too_long: int = 0
     truncated: int = 0  # training sequences cut at --max-length
     interrupted: bool = False
 
@@ -166,9 +177,10 @@ class TrainSummary:
             f"in {self.seconds:.1f} s on {self.examples} examples ({self.val_examples} held out)",
             f"train loss {loss}, validation loss {val}",
         ]
-        if self.unmatched or self.ambiguous:
+        if self.unmatched or self.ambiguous or self.too_long:
             lines.append(f"--data rows not used: {self.unmatched} name no cached image, "
-                         f"{self.ambiguous} name several")  # fmt: skip
+                         f"{self.ambiguous} name several, {self.too_long} put the image past "
+                         "--max-length")  # fmt: skip
         if self.truncated:
             lines.append(f"{self.truncated} training sequences were cut at --max-length (their "
                          "answers lost their end): raise it")  # fmt: skip
@@ -191,6 +203,7 @@ class _Position:
 def run_train(config: TrainConfig) -> TrainSummary:
     """Train a projector (and the LLM when asked) on the features of ``config.features``."""
     out = Path(config.out)
+    _check_out_location(out, config.features)
     device = resolve_device(config.device, "fp32")
     precision = resolve_precision(config.precision, device)
     distributed = Distributed.from_environment(device)
@@ -210,6 +223,8 @@ class Trainer:
         self.precision = precision
         resume_from = self._resume_point()
         files = open_feature_files(config.features, config.allow_incomplete)
+        if resume_from is not None:
+            self._check_same_features(files)
         conversations = Conversations(Path(config.data)) if config.data else None
         init = self._init_run(files.attrs)
         # Frozen LLM weights on a GPU in bf16 when it autocasts to bf16: no optimizer ever
@@ -227,7 +242,10 @@ class Trainer:
                                     queries=config.queries)  # fmt: skip
         run_config["projector"] = dataclasses.asdict(projector)
         self.text = ConversationFormat(llm.tokenizer, projector.output_tokens, config.max_length)
-        self.examples = build_examples(files, config.val_fraction, conversations, config.captions)
+        for prompt in config.prompts:  # refused now, not at the step that samples it
+            self.text.encode_prompt(prompt)
+        self.examples = build_examples(files, config.val_fraction, conversations,
+                                       config.captions, self.text)  # fmt: skip
         if len(self.examples.train) < config.batch_size * distributed.world:
             raise UserError(
                 f"{len(self.examples.train)} training examples cannot fill one batch of "
@@ -235,14 +253,17 @@ class Trainer:
             )
         self.model = VisionLanguageModel(llm.model, projector).to(device)
         if init is not None:
-            from safetensors.torch import load_file
-
-            self.model.load_adapter_state(load_file(Path(init["checkpoint"]) / ckpt.ADAPTER))
+            self.model.load_adapter_state(ckpt.load_adapter(Path(init["checkpoint"])))
         self._set_trainable(resume_from)
         self.files, self.conversations, self.run_config = files, conversations, run_config
         self.optimizer = torch.optim.AdamW(self._parameter_groups(), betas=(0.9, 0.95))
         self.micro_per_epoch = batches_per_epoch(len(self.examples.train), config.batch_size,
                                                  distributed.world)  # fmt: skip
+        if self.micro_per_epoch < config.grad_accum:
+            raise UserError(
+                f"--grad-accum {config.grad_accum} is more than the {self.micro_per_epoch} "
+                "micro-batches of an epoch; lower it or --batch-size"
+            )
         self.total_steps = config.max_steps or max(
             1, config.epochs * self.micro_per_epoch // config.grad_accum
         )
@@ -265,8 +286,13 @@ class Trainer:
     def _resume_point(self) -> Path | None:
         """The checkpoint to continue from, or None for a new run; a run directory already
         holding a run is only continued with --resume, and with the options it was made with."""
-        existing = read_state_json(self.out / ckpt.CONFIG, missing_ok=True)
+        existing = self._existing_run()
         latest = ckpt.latest_checkpoint(self.out) if existing is not None else None
+        if latest is None and any(ckpt.checkpoints_dir(self.out).glob("step-*")):
+            raise UserError(
+                f"{self.out} holds checkpoints but no {ckpt.CONFIG} or checkpoints/latest.json; "
+                "restore them, or use another --out"
+            )
         if latest is None:
             if self.config.resume and self.dist.rank == 0:
                 print(f"nothing to resume in {self.out}: starting a new run", flush=True)
@@ -282,15 +308,40 @@ class Trainer:
                 f"{self.dist.world}: the data position is per process; resume with "
                 f"--nproc_per_node {existing.get('world_size', 1)}, or use another --out"
             )
-        before = existing.get("options", {})
+        before = existing["options"]
         now = _options(self.config)
         for name, value in now.items():
             if name not in _RESUMABLE and before.get(name) != value:
                 raise UserError(
-                    f"--resume with --{name.replace('_', '-')} {value} but {self.out} was trained "
-                    f"with {before.get(name)}; resume with the same options, or use another --out"
+                    f"--resume with --{name.replace('_', '-')} {_cut(value)} but {self.out} was "
+                    f"trained with {_cut(before.get(name))}; resume with the same options, or use "
+                    "another --out"
                 )
         return latest
+
+    def _existing_run(self) -> dict | None:
+        """The run config in --out; None for a new or empty directory (one holding anything
+        else is refused: a run would overwrite its config.json)."""
+        if not self.out.is_dir() or not [p for p in self.out.iterdir() if p.name != ".lock"]:
+            return None
+        if not (self.out / ckpt.CONFIG).exists():
+            if ckpt.checkpoints_dir(self.out).is_dir():
+                return None  # checkpoints without their config: refused by the caller
+            raise UserError(
+                f"--out {self.out} is not empty and holds no training run; pass a new or empty "
+                "directory"
+            )
+        return ckpt.read_run_config(self.out)
+
+    def _check_same_features(self, files: FeatureFiles) -> None:
+        """A resume reads the features the run started on: the data position indexes them."""
+        existing = read_state_json(self.out / ckpt.CONFIG)
+        before = existing["features"].get("shards_sha256")
+        if before is not None and before != _shards_digest(files):
+            raise UserError(
+                f"the features changed since {self.out} started (shards added, removed or "
+                "encoded again): resume with the features it was trained on, or use another --out"
+            )
 
     def _init_run(self, attrs: dict) -> dict | None:
         """The --init run and checkpoint, checked to fit these features and this LLM."""
@@ -308,10 +359,15 @@ class Trainer:
                     f"--init {run} was trained on features with {name}="
                     f"{earlier['features']['attrs'].get(name)!r}, these have {attrs.get(name)!r}"
                 )
-        if earlier["projector"]["kind"] != self.config.projector:
-            raise UserError(f"--init {run} has a {earlier['projector']['kind']} projector; pass "
-                            f"--projector {earlier['projector']['kind']}")  # fmt: skip
-        return {"run": str(run), "checkpoint": str(checkpoint)}
+        kind, queries = earlier["projector"]["kind"], earlier["projector"].get("queries")
+        if kind != self.config.projector:
+            raise UserError(f"--init {run} has a {kind} projector; pass --projector {kind}")
+        if kind == "resampler" and queries != self.config.queries:
+            raise UserError(f"--init {run} has a resampler of {queries} queries; pass --queries "
+                            f"{queries}")  # fmt: skip
+        # Only a trained LLM ties this run to the earlier one's files; its adapter is copied.
+        trained = earlier["train_llm"] != "none" or bool((earlier.get("init") or {}).get("llm"))
+        return {"run": str(run), "checkpoint": str(checkpoint), "llm": trained}
 
     def _run_config(self, files: object, init: dict | None) -> dict:
         encode_plan = read_state_json(files.shard_dirs[0][0] / "plan.json") or {}
@@ -323,6 +379,8 @@ class Trainer:
             "features": {
                 "dirs": [str(Path(d).resolve()) for d in self.config.features],
                 "attrs": files.attrs,
+                "shards": len(files.paths),
+                "shards_sha256": _shards_digest(files),
                 # How images were squared before the encode resized them (for `caption`).
                 "square": {
                     "pad_threshold": encode_plan.get("pad_threshold", 0.6),
@@ -362,9 +420,7 @@ class Trainer:
         ]  # fmt: skip
 
     def _restore(self, checkpoint: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.model.load_adapter_state(load_file(checkpoint / ckpt.ADAPTER))
+        self.model.load_adapter_state(ckpt.load_adapter(checkpoint))
         state = ckpt.load_trainer_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -381,6 +437,9 @@ class Trainer:
         train_loss = val_loss = None
         bar = tqdm(total=self.total_steps, initial=self.position.step, unit="step",
                    disable=config.quiet or self.dist.rank != 0, dynamic_ncols=True)  # fmt: skip
+        if self.position.step >= self.total_steps:  # a finished run resumed: nothing to do
+            bar.close()
+            return self._finished()
         micro_batches = self.micro_batches()
         with stop, bar:
             while self.position.step < self.total_steps and not self._stopping(stop):
@@ -416,6 +475,7 @@ class Trainer:
             train_loss=train_loss, val_loss=val_loss, seconds=time.perf_counter() - started,
             examples=len(self.examples.train), val_examples=len(self.examples.val),
             unmatched=self.examples.unmatched, ambiguous=self.examples.ambiguous,
+            too_long=self.examples.too_long,
             truncated=self.dist.sum(self._truncated),
             interrupted=self.position.step < self.total_steps,
         )  # fmt: skip
@@ -424,6 +484,17 @@ class Trainer:
             del fields["run_dir"]
             atomic_write_json(self.out / "summary.json", fields)
         return summary
+
+    def _finished(self) -> TrainSummary:
+        """The summary of a run already trained to its last step, as it recorded it."""
+        recorded = read_state_json(self.out / "summary.json", missing_ok=True) or {}
+        return TrainSummary(
+            run_dir=self.out, step=self.position.step, total_steps=self.total_steps,
+            train_loss=recorded.get("train_loss"), val_loss=recorded.get("val_loss"), seconds=0.0,
+            examples=len(self.examples.train), val_examples=len(self.examples.val),
+            unmatched=self.examples.unmatched, ambiguous=self.examples.ambiguous,
+            too_long=self.examples.too_long,
+        )  # fmt: skip
 
     def _stopping(self, stop: _StopRequest) -> bool:
         """Whether any rank was asked to stop: all ranks stop after the same step (one rank
@@ -466,6 +537,11 @@ class Trainer:
         """One optimizer step over ``batches`` (this rank's micro-batches); every answer token
         of the step, on every rank, weighs the same. Returns (mean loss, gradient norm)."""
         tokens = self.dist.sum(sum(b.target_tokens for b in batches))
+        if tokens == 0:
+            raise UserError(
+                f"step {self.position.step + 1} has no answer token: every sequence was cut at "
+                f"--max-length {self.config.max_length}; raise it"
+            )
         self.model.train()
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
@@ -474,18 +550,28 @@ class Trainer:
                 loss, _ = self.wrapped(batch.to(self.device))
             # DDP averages gradients over ranks: times world, the step's gradient is of the sum
             # over all its tokens, divided by their count.
-            self.scaler.scale(loss * self.dist.world / max(tokens, 1)).backward()
+            self.scaler.scale(loss * self.dist.world / tokens).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         parameters = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
+        loss = self.dist.sum(total.item()) / tokens
+        if not self.scaler.is_enabled() and not (math.isfinite(loss) and torch.isfinite(norm)):
+            # Before the weights take the step: a checkpoint never holds NaN.
+            raise UserError(
+                f"the loss or its gradient is not finite at step {self.position.step + 1} "
+                f"(examples {', '.join(k for b in batches for k in b.keys[:2])}, ...): the "
+                "features hold NaN or inf, or --lr is too high; check them, or lower it and "
+                "--resume"
+            )
+        self.step_lr = self.scheduler.get_last_lr()[0]  # what this step trains at
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scaler.get_scale() >= scale:  # fp16: an overflowing step is skipped, and so
             self.scheduler.step()  # is its learning-rate step
         self.optimizer.zero_grad(set_to_none=True)
-        return self.dist.sum(total.item()) / max(tokens, 1), float(norm)
+        return loss, float(norm)
 
     def _autocast(self) -> object:
         return torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None)
@@ -513,7 +599,7 @@ class Trainer:
         tokens = self.dist.sum(sum(int(b.attention_mask.sum()) for b in batches))
         return {
             "step": self.position.step, "epoch": self.position.epoch, "loss": loss,
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "lr": self.step_lr, "grad_norm": grad_norm,
             "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
             "data_wait_s": waited, "step_s": seconds,
         }  # fmt: skip
@@ -539,12 +625,36 @@ class Trainer:
         self.dist.barrier()
 
 
+def _check_out_location(out: Path, features: tuple[str, ...]) -> None:
+    """Refuse an --out that is, or lies inside, a features directory."""
+    target = out.resolve()
+    for folder in features:
+        source = Path(folder).resolve()
+        if target == source or target.is_relative_to(source):
+            raise UserError(f"--out {out} lies in the features {folder}; pass a directory outside")
+
+
+def _shards_digest(files: FeatureFiles) -> str:
+    """What identifies the training data: every shard's path and state (its stats marker)."""
+    shards = zip(files.shard_dirs, files.rows, strict=True)
+    listing = [[str(folder.resolve()), name, rows] for (folder, name), rows in shards]
+    markers = [marker_of(folder / f"{name}.stats.json") for folder, name in files.shard_dirs]
+    return hashlib.sha256(json.dumps([listing, markers]).encode()).hexdigest()
+
+
+def _cut(value: object, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> tuple[str, ...]:
     """``--prompt`` values and the lines of ``--prompts FILE`` (blank lines skipped)."""
-    found = [p for p in prompts or [] if p.strip()]
+    if any(not p.strip() for p in prompts or []):
+        raise UserError("--prompt is empty; pass an instruction, or drop it for the defaults")
+    found = list(prompts or [])
     if prompts_file:
         try:
-            text = Path(prompts_file).read_text(encoding="utf-8")
+            text = Path(prompts_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --prompts {prompts_file}: {one_line(e, 120)}") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
