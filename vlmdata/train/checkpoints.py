@@ -27,6 +27,7 @@ import torch
 from vlmdata.errors import UserError, one_line
 from vlmdata.pipeline.shards import atomic_write_json, fsync_dir, read_state_json
 from vlmdata.train.llm import LoadedLLM, load_llm, no_progress_bars
+from vlmdata.train.lora import merged_lora, save_lora
 from vlmdata.train.model import VisionLanguageModel
 from vlmdata.train.projectors import ProjectorConfig
 from vlmdata.train.sequence import ConversationFormat
@@ -102,8 +103,7 @@ def save_checkpoint(run_dir: Path, step: int, model: VisionLanguageModel, train_
         if train_llm == "full":
             model.llm.save_pretrained(tmp / "llm", safe_serialization=True)
         elif train_llm == "lora":
-            # The embeddings are not adapted: peft need not check the vocabulary (on the hub).
-            model.llm.save_pretrained(tmp / "lora", save_embedding_layers=False)
+            save_lora(model.llm, tmp)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     for path in tmp.rglob("*"):
         if path.is_file():
@@ -165,12 +165,7 @@ def trained_llm(run_dir: Path, checkpoint: Path, device: str, dtype: torch.dtype
         return load_llm(config["llm"], device, dtype, weights_dir=checkpoint / "llm")
     llm = base_llm(config, device, dtype)
     if config["train_llm"] == "lora":
-        from peft import PeftModel
-
-        merged = PeftModel.from_pretrained(llm.model, checkpoint / "lora").merge_and_unload()
-        if hasattr(merged, "peft_config"):  # left behind by merging: a plain model again
-            del merged.peft_config
-        llm.model = merged
+        llm.model = merged_lora(llm.model, checkpoint)
     return llm
 
 
