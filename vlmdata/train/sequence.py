@@ -21,6 +21,7 @@ from vlmdata.errors import UserError
 IMAGE = "<image>"
 IGNORE = -100
 _MIN_TEXT = 16  # --max-length must leave at least this many positions for text
+_PROMPT_CACHE = 4096  # distinct prompt pieces kept tokenized (conversations bring many)
 
 
 @dataclass
@@ -46,6 +47,9 @@ class ConversationFormat:
         self.template = bool(getattr(tokenizer, "chat_template", None))
         self.pad_id = tokenizer.pad_token_id
         self._stops: list[int] | None = None
+        # Prompt pieces (a template's header with one of a few prompts) repeat in every
+        # example: tokenized once. Answers vary, and are not kept.
+        self._prompt_ids: dict[str, list[int]] = {}
 
     def encode(self, turns: list[tuple[str, str]]) -> Encoded:
         """A conversation (user, assistant) pairs -> ids and labels, cut to --max-length."""
@@ -127,10 +131,10 @@ class ConversationFormat:
                 piece = self._text_ids(text)
             else:
                 before, found, after = text.partition(IMAGE)
-                piece = self._text_ids(before)
+                piece = self._prompt_text_ids(before)
                 if found:
                     image_at = len(ids) + len(piece)
-                    piece += [self.pad_id] * self.slots + self._text_ids(after)
+                    piece += [self.pad_id] * self.slots + self._prompt_text_ids(after)
             ids += piece
             labels += self._answer_labels(piece) if trained else [IGNORE] * len(piece)
         if check and image_at + self.slots > self.max_length:
@@ -147,6 +151,14 @@ class ConversationFormat:
         stops = set(self.stop_ids())
         end = next((i + 1 for i, token in enumerate(piece) if token in stops), len(piece))
         return piece[:end] + [IGNORE] * (len(piece) - end)
+
+    def _prompt_text_ids(self, text: str) -> list[int]:
+        ids = self._prompt_ids.get(text)
+        if ids is None:
+            ids = self._text_ids(text)
+            if len(self._prompt_ids) < _PROMPT_CACHE:
+                self._prompt_ids[text] = ids
+        return list(ids)
 
     def _text_ids(self, text: str) -> list[int]:
         if not text:

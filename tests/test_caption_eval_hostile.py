@@ -1,0 +1,107 @@
+"""`vlmdata caption` and `vlmdata eval` under hostile input: each test is a bug found by
+misusing them, and asks for one `error:` line and exit 2 (or a bounded run) instead of an
+internal error, a misleading message or a runaway generation."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vlmdata.cli import app
+from vlmdata.train.model import VisionLanguageModel
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def run_dir(shape_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlmdata.train.trainer import TrainConfig, run_train
+
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        run_train(TrainConfig(features=(str(shape_features),), llm="tiny-random-llama",
+                              out=str(out), max_steps=2, batch_size=8, workers=0,
+                              val_fraction=0.1, quiet=True))  # fmt: skip
+    return out
+
+
+def an_image(features: Path) -> Path:
+    return sorted((features.parent / "images").glob("*.jpg"))[0]
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *words: str) -> None:
+    """One `error:` line naming the problem, exit 2, no internal error."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "internal error" not in errors[0], result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def test_eval_out_that_is_a_file_is_a_user_error(run_dir, shape_features, tmp_path):
+    # evaluate.py:128 out.mkdir() raises FileExistsError -> "internal error ... please report"
+    taken = tmp_path / "results.json"
+    taken.write_text("{}")
+    result = invoke("eval", run_dir, shape_features, "--samples", 1, "--quiet", "--out", taken)
+    assert_user_error(result, "--out")
+
+
+def test_eval_out_that_cannot_be_made_is_a_user_error(run_dir, shape_features, tmp_path):
+    # a parent that is a file: mkdir raises NotADirectoryError/FileExistsError -> internal error
+    parent = tmp_path / "file"
+    parent.write_text("")
+    result = invoke("eval", run_dir, shape_features, "--samples", 1, "--quiet",
+                    "--out", parent / "eval")  # fmt: skip
+    assert_user_error(result, "--out")
+
+
+def test_run_dir_that_is_a_file_is_not_called_a_damaged_config(run_dir, shape_features):
+    # checkpoints.py:47 read_state_json(run_dir / CONFIG) raises NotADirectoryError, reported as
+    # "RUN/config.json/config.json is damaged ...; delete it and rerun the stage"
+    result = invoke("caption", run_dir / "config.json", an_image(shape_features))
+    assert_user_error(result, "not a vlmdata training run")
+
+
+def test_max_new_tokens_past_the_llm_context_is_refused(run_dir, shape_features, monkeypatch):
+    # caption.py:164 only checks >= 1: --max-new-tokens 100000 runs generation far past the
+    # LLM's 2048 positions (transformers warns, then it runs for many minutes on CPU).
+    def generate(self, batch, stop_ids, max_new_tokens, *args, **kwargs):
+        limit = self.llm.config.max_position_embeddings
+        raise AssertionError(f"generated up to {max_new_tokens} tokens past a {limit} context")
+
+    monkeypatch.setattr(VisionLanguageModel, "generate", generate)
+    result = invoke("caption", run_dir, an_image(shape_features), "--max-new-tokens", 100_000)
+    assert_user_error(result, "--max-new-tokens")
+
+
+def test_num_does_not_multiply_the_generation_batch_unbounded(
+    run_dir, shape_features, monkeypatch
+):
+    # caption.py:89 generates images x --num sequences in one call: --num 100000 allocates
+    # gigabytes at once and dies with "internal error (RuntimeError: ... can't allocate
+    # memory)". Either refuse such a --num, or generate at most --batch-size sequences a call.
+    real = VisionLanguageModel.generate
+    rows: list[int] = []
+
+    def generate(self, batch, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, num=1):
+        rows.append(len(batch.ids) * num)
+        if rows[-1] > 64:
+            raise AssertionError(f"{rows[-1]} sequences in one generate call")
+        return real(self, batch, stop_ids, max_new_tokens, temperature, top_p, num)
+
+    monkeypatch.setattr(VisionLanguageModel, "generate", generate)
+    result = invoke("caption", run_dir, an_image(shape_features), "--num", 100_000,
+                    "--temperature", 1, "--max-new-tokens", 1, "--batch-size", 4)  # fmt: skip
+    if result.exit_code != 2:
+        assert result.exit_code == 0, result.output
+        assert max(rows) <= 4
