@@ -84,9 +84,7 @@ def test_max_new_tokens_past_the_llm_context_is_refused(run_dir, shape_features,
     assert_user_error(result, "--max-new-tokens")
 
 
-def test_num_does_not_multiply_the_generation_batch_unbounded(
-    run_dir, shape_features, monkeypatch
-):
+def test_num_does_not_multiply_the_generation_batch_unbounded(run_dir, shape_features, monkeypatch):
     # caption.py:89 generates images x --num sequences in one call: --num 100000 allocates
     # gigabytes at once and dies with "internal error (RuntimeError: ... can't allocate
     # memory)". Either refuse such a --num, or generate at most --batch-size sequences a call.
@@ -94,7 +92,7 @@ def test_num_does_not_multiply_the_generation_batch_unbounded(
     rows: list[int] = []
 
     def generate(self, batch, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, num=1):
-        rows.append(len(batch.ids) * num)
+        rows.append(len(batch.input_ids) * num)
         if rows[-1] > 64:
             raise AssertionError(f"{rows[-1]} sequences in one generate call")
         return real(self, batch, stop_ids, max_new_tokens, temperature, top_p, num)
