@@ -103,3 +103,20 @@ def test_num_does_not_multiply_the_generation_batch_unbounded(run_dir, shape_fea
     if result.exit_code != 2:
         assert result.exit_code == 0, result.output
         assert max(rows) <= 4
+
+
+def test_more_captions_than_a_batch_are_generated_in_rounds(run_dir, shape_features, monkeypatch):
+    real = VisionLanguageModel.generate
+    rows: list[int] = []
+
+    def generate(self, batch, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0, num=1):
+        rows.append(len(batch.input_ids) * num)
+        return real(self, batch, stop_ids, max_new_tokens, temperature, top_p, num)
+
+    monkeypatch.setattr(VisionLanguageModel, "generate", generate)
+    result = invoke("caption", run_dir, an_image(shape_features), an_image(shape_features),
+                    "--num", 6, "--temperature", 1, "--max-new-tokens", 2,
+                    "--batch-size", 4)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert max(rows) <= 4 and sum(rows) == 12
+    assert sum(line.count(" [") for line in result.output.splitlines()) == 12

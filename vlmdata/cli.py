@@ -90,8 +90,12 @@ def _show_warning(message: Warning | str, *args: object, **kwargs: object) -> No
     typer.echo(f"warning: {message}", err=True)  # one line, no source excerpt
 
 
-def run_command(stage: Callable[[], object]) -> None:
-    """Run a stage and print its summary (or text).
+RESUMES = "rerun the same command to resume"
+
+
+def run_command(stage: Callable[[], object], on_interrupt: str = RESUMES) -> None:
+    """Run a stage and print its summary (or text); ``on_interrupt`` says what a Ctrl-C
+    leaves the user to do.
 
     A user mistake is one line on stderr and exit 2; a full disk or a denied write, one line
     and exit 1; an internal failure, one line naming the log file that holds the traceback.
@@ -106,7 +110,7 @@ def run_command(stage: Callable[[], object]) -> None:
             ignore_decoder_warnings()
             summary = stage()
     except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command to resume", err=True)
+        typer.echo(f"interrupted: {on_interrupt}", err=True)
         raise typer.Exit(130) from None
     except Exception as e:
         code, message = _explain_failure(e)
@@ -541,7 +545,7 @@ def train(
             )
         )  # fmt: skip
 
-    run_command(stage)
+    run_command(stage, "rerun with --resume to continue from the last checkpoint")
 
 
 # --- labels: zero-shot CLIP labels over the embeddings encode cached -------------------------
@@ -755,7 +759,7 @@ def caption(
             )
         )  # fmt: skip
 
-    run_command(stage)
+    run_command(stage, "nothing was written")
 
 
 @app.command("eval")
@@ -799,7 +803,7 @@ def evaluate(
             )
         )  # fmt: skip
 
-    run_command(stage)
+    run_command(stage, "rerun the same command")
 
 
 if __name__ == "__main__":

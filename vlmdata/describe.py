@@ -291,5 +291,3 @@ def _counts(title: str, counts: dict) -> list[str]:
     if not counts:
         return []
     return [f"  {title}: " + ", ".join(f"{k} {n}" for k, n in counts.items())]
-
-

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from vlmdata.train.sequence import Encoded
 
 MAX_PIXELS = 100_000_000  # as the stages' --max-pixels default: larger images are not decoded
 _FETCH_CONCURRENCY = 8
+MAX_NUM = 100  # captions per image: more is a mistake, and each costs a generation
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Read = tuple[bytes | None, str | None]  # an image's bytes, or why there are none
 
@@ -56,13 +58,21 @@ class Captioner:
             return nullcontext()
         return torch.autocast(self.device, dtype=self.dtype)
 
-    def prompt(self, text: str) -> Encoded:
-        """``text`` encoded as generation starts from it, the image in its place."""
+    def prompt(self, text: str, max_new_tokens: int) -> Encoded:
+        """``text`` encoded as generation starts from it, the image in its place; it and
+        ``max_new_tokens`` must fit the LLM's positions."""
         encoded = self.text.encode_prompt(text)
         if encoded.truncated:
             raise UserError(
                 f"--prompt is longer than the run's --max-length "
                 f"{self.config['options']['max_length']} allows; shorten it"
+            )
+        positions = getattr(self.model.llm.config, "max_position_embeddings", None)
+        if positions is not None and len(encoded.ids) + max_new_tokens > positions:
+            raise UserError(
+                f"--max-new-tokens {max_new_tokens} after the {len(encoded.ids)} positions of the "
+                f"image and prompt exceeds the LLM's {positions}; pass at most "
+                f"{positions - len(encoded.ids)}"
             )
         return encoded
 
@@ -76,20 +86,27 @@ class Captioner:
         top_p: float = 1.0,
         num: int = 1,
     ) -> list[list[str]]:
-        """``num`` captions for each image's float16 tokens ``[T, C]``, batch by batch."""
+        """``num`` captions for each image's float16 tokens ``[T, C]``; at most ``batch_size``
+        sequences are generated at once (images x captions each)."""
         stops = self.text.stop_ids()
+        per_call = max(1, batch_size // num)  # images per generate call
         out: list[list[str]] = []
-        for start in range(0, len(tokens), batch_size):
-            chunk = tokens[start : start + batch_size]
+        for start in range(0, len(tokens), per_call):
+            chunk = tokens[start : start + per_call]
             examples = [{"tokens": t, "ids": prompt.ids, "labels": prompt.labels,
                          "image_at": prompt.image_at, "key": str(start + i)}
                         for i, t in enumerate(chunk)]  # fmt: skip
             batch = collate(examples, self.text.pad_id, padding_side="left").to(self.device)
-            with self.autocast():
-                generated = self.model.generate(batch, stops, max_new_tokens, temperature,
-                                                top_p, num)  # fmt: skip
-            texts = [self._decode(row, stops) for row in generated.tolist()]
-            out += [texts[i * num : (i + 1) * num] for i in range(len(chunk))]
+            captions: list[list[str]] = [[] for _ in chunk]
+            while len(captions[0]) < num:  # more captions than a batch holds: in rounds
+                count = min(num - len(captions[0]), batch_size)
+                with self.autocast():
+                    generated = self.model.generate(batch, stops, max_new_tokens, temperature,
+                                                    top_p, count)  # fmt: skip
+                texts = [self._decode(row, stops) for row in generated.tolist()]
+                for i in range(len(chunk)):
+                    captions[i] += texts[i * count : (i + 1) * count]
+            out += captions
         return out
 
     def _decode(self, ids: list[int], stops: list[int]) -> str:
@@ -180,13 +197,22 @@ class CaptionConfig:
         check_prompt(self.prompt)
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.num > MAX_NUM:
+            raise UserError(f"--num {self.num}: at most {MAX_NUM} captions per image")
         if self.temperature == 0 and self.num > 1:
             raise UserError(
                 f"--num {self.num} with --temperature 0: greedy decoding gives one caption; "
                 "pass --temperature (e.g. 0.7) to sample several"
             )
-        if self.json_out is not None and Path(self.json_out).is_dir():
-            raise UserError(f"--json {self.json_out} is a directory; pass a file path")
+        if self.json_out is not None:  # found now, not after every image is captioned
+            target = Path(self.json_out)
+            if target.is_dir():
+                raise UserError(f"--json {self.json_out} is a directory; pass a file path")
+            if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+                raise UserError(
+                    f"--json {self.json_out}: {target.parent} is not a folder you can write; "
+                    "pass a path in one"
+                )
 
 
 @dataclass
@@ -233,7 +259,7 @@ def run_caption(config: CaptionConfig) -> CaptionSummary:
     """Caption ``config.images`` with the run ``config.run_dir``."""
     captioner = Captioner(Path(config.run_dir), config.checkpoint, config.device, config.precision)
     prompt_text = captioner.default_prompt if config.prompt is None else config.prompt
-    prompt = captioner.prompt(prompt_text)
+    prompt = captioner.prompt(prompt_text, config.max_new_tokens)
     encoder = ImageEncoder(captioner.config["features"], captioner.device, captioner.precision,
                            config.pretrained)  # fmt: skip
     squares, errors = [], {}

@@ -47,7 +47,7 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def read_run_config(run_dir: Path) -> dict:
-    config = read_state_json(run_dir / CONFIG, missing_ok=True)
+    config = read_state_json(run_dir / CONFIG, missing_ok=True) if run_dir.is_dir() else None
     if config is None or "projector" not in config:
         raise UserError(
             f"{run_dir} is not a vlmdata training run (no {CONFIG}); pass a train --out"

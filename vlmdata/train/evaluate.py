@@ -121,9 +121,14 @@ def run_eval(config: EvalConfig) -> EvalSummary:
         )
     images = _open_images(Path(config.images), Path(config.features_dir)) if config.images else None
     out = Path(config.out) if config.out else run_dir / "eval" / checkpoint.name
+    try:  # made now: a folder that cannot be is found before the evaluation runs
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make --out {out} ({e.strerror or e}); pass a folder you can "
+                        "write")  from None  # fmt: skip
     captioner = Captioner(run_dir, config.checkpoint, config.device, config.precision)
     prompt = captioner.default_prompt if config.prompt is None else config.prompt
-    encoded_prompt = captioner.prompt(prompt)
+    encoded_prompt = captioner.prompt(prompt, config.max_new_tokens)
 
     loss_table = val[: options["val_samples"]]
     loss, tokens = _validation_loss(captioner, files, loss_table, config.batch_size)
@@ -135,7 +140,6 @@ def run_eval(config: EvalConfig) -> EvalSummary:
         "loss_examples": len(loss_table), "loss_tokens": tokens,
         **caption_scores([c["reference"] for c in captions], [c["generated"] for c in captions]),
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "run": str(run_dir.resolve()), "checkpoint": checkpoint.name,
         "features": str(Path(config.features_dir).resolve()), "prompt": prompt,
