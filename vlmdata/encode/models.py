@@ -85,7 +85,8 @@ def load_clip(name: str, pretrained: str | None, device: str, precision: str) ->
     if pretrained.lower() in RANDOM:
         warnings.warn(
             f"{name} has random weights: its features are for tests only, and every image looks "
-            "alike to it (use --no-placeholder-filter or a placeholder threshold near 1)",
+            "alike to it (to encode with it, use --no-placeholder-filter or a placeholder "
+            "threshold near 1)",
             stacklevel=2,
         )
         pretrained = "random"
