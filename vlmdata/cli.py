@@ -6,17 +6,19 @@ no command pays for another's dependencies.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import signal
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 
@@ -46,6 +48,45 @@ MaxPixels = Annotated[
     int, typer.Option(help="Largest image (width x height) accepted; checked before decoding.")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
+
+def _apply_config_file(ctx: typer.Context, value: str | None) -> None:
+    """``--config FILE.toml``: the command's options (and arguments) by name, as defaults that
+    the flags given override. An unknown key is one line naming the closest valid one."""
+    if not value:
+        return
+    try:
+        with open(value, "rb") as f:
+            options = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        _refuse_config(f"cannot read --config {value} ({e}); pass a TOML file")
+    known = {p.name for p in ctx.command.params if p.name and p.expose_value}
+    settings = {}
+    for key, setting in options.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            _refuse_config(f"--config {value}: {ctx.command.name} has no option {key!r}{hint}")
+        settings[name] = setting
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+
+
+def _refuse_config(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+ConfigFile = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="A TOML file of this command's options (names as the flags); flags override it.",
+        callback=_apply_config_file,
+        is_eager=True,
+        expose_value=False,
+    ),
+]
 _SQUARE_HELP = {
     "pad_threshold": "min(w,h)/max(w,h) at or above which the image is cropped, else padded.",
     "fill": "Padding and transparency colour as R,G,B.",
@@ -265,6 +306,7 @@ def download(
     quality: ResizeQuality = None,
     min_side: ResizeMinSide = None,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Download a URL list into image shards (tar + parquet + stats), resumably."""
     from vlmdata.pipeline.download import DownloadConfig, run_download
@@ -330,6 +372,7 @@ def preprocess(
     ] = usable_cpus(),
     allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Crop or pad every image to a square and resize it (EXIF-oriented, RGB), resumably."""
     from vlmdata.pipeline.preprocess import PreprocessConfig, run_preprocess
@@ -399,6 +442,7 @@ def encode(
     shard_size: ShardSize = 10_000,
     allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Encode images into CLIP patch-token features + embeddings (HDF5 shards), resumably."""
     # Before torch loads: OpenMP threads that spin between ops would starve the decoding
@@ -437,6 +481,7 @@ def encode(
 @app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="An output directory, or one .h5, .tar or .parquet.")],
+    config: ConfigFile = None,
 ) -> None:
     """Show what a stage output or a shard file holds: rows, shapes, attributes, statuses."""
     from vlmdata.describe import describe
@@ -522,6 +567,7 @@ def train(
     ),
     allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Train a projector (and the LLM, with --train-llm) from cached features.
 
@@ -589,6 +635,7 @@ def labels_classify(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Label every cached embedding with a taxonomy's descriptions and categories, resumably."""
     from vlmdata.labels.classify import ClassifyConfig, run_classify
@@ -618,6 +665,7 @@ def labels_taxonomy(
     out: Annotated[
         str | None, typer.Option(help="Write it to this file instead of printing it.")
     ] = None,
+    config: ConfigFile = None,
 ) -> None:
     """Print (or export) the default taxonomy as JSON, to edit and pass back with --taxonomy."""
     run_command(lambda: _export_default_taxonomy(out))
@@ -674,6 +722,7 @@ def labels_report(
     ] = "image not available",
     allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Write an HTML report (charts, thumbnails by category) of a labelled dataset."""
     from vlmdata.labels.report import ReportConfig, run_report
@@ -741,6 +790,7 @@ def caption(
     json_out: Annotated[
         str | None, typer.Option("--json", help="Also write the captions to this JSON file.")
     ] = None,
+    config: ConfigFile = None,
 ) -> None:
     """Caption images with a trained run, encoding them as its features were made.
 
@@ -789,6 +839,7 @@ def evaluate(
     precision: RunPrecision = "auto",
     allow_incomplete: AllowIncomplete = False,
     quiet: Quiet = False,
+    config: ConfigFile = None,
 ) -> None:
     """Score a run on its held-out images: loss, perplexity, BLEU-1..4, CIDEr-D."""
     from vlmdata.train.evaluate import EvalConfig, run_eval

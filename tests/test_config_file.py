@@ -1,0 +1,78 @@
+"""`--config FILE.toml` on every command: its keys are the command's option (and argument)
+names, the flags given override them, and a key the command does not have is one line naming
+the closest one."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from typer.testing import CliRunner
+
+from vlmdata.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_weights():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*random weights.*")
+        yield
+
+
+def _one_error_line(result: object) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_a_config_file_sets_options_and_flags_override_it(shape_features, tmp_path):
+    run = tmp_path / "run"
+    config = tmp_path / "train.toml"
+    config.write_text(
+        f'features = ["{shape_features}"]\nllm = "tiny-random-llama"\nout = "{run}"\n'
+        "max-steps = 3\nbatch_size = 8\nworkers = 0\nquiet = true\nprompt = ['Describe.']\n"
+    )
+    result = runner.invoke(app, ["train", "--config", str(config), "--max-steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert "trained 1/1 steps" in result.output  # the flag over the file's 3
+    options = json.loads((run / "config.json").read_text())["options"]
+    assert (options["batch_size"], options["workers"], options["prompts"]) == (8, 0, ["Describe."])
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "suggestion"),
+    [(["train", "x"], "batchsize", "batch-size"), (["encode", "a", "b"], "modle", "model"),
+     (["labels", "classify", "a", "b"], "top_kk", "top-k"), (["download", "a", "b"], "zzz", None)],
+)  # fmt: skip
+def test_an_unknown_key_names_the_closest_option(tmp_path, command, key, suggestion):
+    config = tmp_path / "c.toml"
+    config.write_text(f"{key} = 1\n")
+    line = _one_error_line(runner.invoke(app, [*command, "--config", str(config)]))
+    assert f"no option {key!r}" in line
+    if suggestion:
+        assert f"did you mean {suggestion!r}" in line
+    else:
+        assert "did you mean" not in line
+
+
+def test_an_unreadable_config_is_one_line(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("max-steps = \n")
+    assert "pass a TOML file" in _one_error_line(
+        runner.invoke(app, ["train", "x", "--config", str(broken)])
+    )
+    missing = tmp_path / "missing.toml"
+    assert "cannot read --config" in _one_error_line(
+        runner.invoke(app, ["train", "x", "--config", str(missing)])
+    )
+
+
+def test_a_value_of_the_wrong_type_is_refused(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('batch-size = "many"\n')
+    result = runner.invoke(app, ["train", "x", "--llm", "l", "--out", "o", "--config", str(config)])
+    assert result.exit_code == 2 and "batch-size" in result.output
