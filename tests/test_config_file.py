@@ -65,6 +65,16 @@ def test_an_unreadable_config_is_one_line(tmp_path):
     assert "pass a TOML file" in _one_error_line(
         runner.invoke(app, ["train", "x", "--config", str(broken)])
     )
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert "pass a TOML file" in _one_error_line(
+        runner.invoke(app, ["train", "x", "--config", str(binary)])
+    )
+    table = tmp_path / "table.toml"
+    table.write_text("[download]\nconcurrency = 3\n")
+    assert "put download's options at the top level" in _one_error_line(
+        runner.invoke(app, ["download", "a", "b", "--config", str(table)])
+    )
     missing = tmp_path / "missing.toml"
     assert "cannot read --config" in _one_error_line(
         runner.invoke(app, ["train", "x", "--config", str(missing)])

@@ -58,7 +58,7 @@ def _apply_config_file(ctx: typer.Context, value: str | None) -> None:
     try:
         with open(value, "rb") as f:
             options = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         _refuse_config(f"cannot read --config {value} ({e}); pass a TOML file")
     known = {p.name for p in ctx.command.params if p.name and p.expose_value}
     settings = {}
@@ -67,6 +67,8 @@ def _apply_config_file(ctx: typer.Context, value: str | None) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            if isinstance(setting, dict):
+                hint = f" (a [{key}] table: put {ctx.command.name}'s options at the top level)"
             _refuse_config(f"--config {value}: {ctx.command.name} has no option {key!r}{hint}")
         settings[name] = setting
     ctx.default_map = {**(ctx.default_map or {}), **settings}
