@@ -197,3 +197,23 @@ def shape_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     write_shape_images(root / "images", 240)
     return encode_folder(root / "images", root / "features")
+
+
+TRAINED_RUN_VAL_FRACTION = 0.1
+
+
+@pytest.fixture(scope="session")
+def trained_run(shape_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few steps of a projector on the shapes (what it learns does not matter): a run
+    directory for caption and eval (read-only: copy to change it)."""
+    import warnings
+
+    from vlmdata.train.trainer import TrainConfig, run_train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        run_train(TrainConfig(features=(str(shape_features),), llm="tiny-random-llama",
+                              out=str(out), max_steps=6, batch_size=8, workers=0,
+                              val_fraction=TRAINED_RUN_VAL_FRACTION, quiet=True))  # fmt: skip
+    return out

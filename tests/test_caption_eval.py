@@ -13,28 +13,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import LoopbackServer
+from conftest import TRAINED_RUN_VAL_FRACTION, LoopbackServer
 from vlmdata.cli import app
 from vlmdata.train.caption_metrics import METRICS, caption_scores, tokenize
 from vlmdata.train.data import split_fraction
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
 runner = CliRunner(env={"COLUMNS": "200"})
-VAL_FRACTION = 0.1
-
-
-@pytest.fixture(scope="module")
-def run_dir(shape_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A few steps of a projector on the shapes (what it learns does not matter here)."""
-    from vlmdata.train.trainer import TrainConfig, run_train
-
-    out = tmp_path_factory.mktemp("caption") / "run"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights
-        run_train(TrainConfig(features=(str(shape_features),), llm="tiny-random-llama",
-                              out=str(out), max_steps=6, batch_size=8, workers=0,
-                              val_fraction=VAL_FRACTION, quiet=True))  # fmt: skip
-    return out
 
 
 def images_of(features: Path) -> Path:
@@ -48,11 +33,11 @@ def invoke(*args: str):
 # --- caption ---------------------------------------------------------------------------------
 
 
-def test_an_image_is_made_into_the_tokens_its_features_hold(run_dir, shape_features):
+def test_an_image_is_made_into_the_tokens_its_features_hold(trained_run, shape_features):
     from vlmdata.train.caption import ImageEncoder
     from vlmdata.train.checkpoints import read_run_config
 
-    encoder = ImageEncoder(read_run_config(run_dir)["features"], "cpu", "fp32", None)
+    encoder = ImageEncoder(read_run_config(trained_run)["features"], "cpu", "fp32", None)
     files = sorted(images_of(shape_features).glob("*.jpg"))[:3]
     squares = [encoder.square(path.read_bytes())[0] for path in files]
     tokens = np.stack(encoder.tokens(squares))
@@ -62,13 +47,13 @@ def test_an_image_is_made_into_the_tokens_its_features_hold(run_dir, shape_featu
     np.testing.assert_allclose(tokens.astype(np.float32), cached.astype(np.float32), atol=2e-3)
 
 
-def test_caption_files_with_a_bad_image_among_them(run_dir, shape_features, tmp_path):
+def test_caption_files_with_a_bad_image_among_them(trained_run, shape_features, tmp_path):
     good = sorted(images_of(shape_features).glob("*.jpg"))[:2]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     missing = tmp_path / "missing.jpg"
     out = tmp_path / "captions.json"
-    result = invoke("caption", run_dir, good[0], broken, missing, good[1], "--json", out,
+    result = invoke("caption", trained_run, good[0], broken, missing, good[1], "--json", out,
                     "--max-new-tokens", 8)  # fmt: skip
     assert result.exit_code == 1, result.output  # the bad ones reported, the others captioned
     lines = result.stdout.splitlines()
@@ -86,14 +71,14 @@ def test_caption_files_with_a_bad_image_among_them(run_dir, shape_features, tmp_
     assert rows[0]["error"] is None and rows[3]["error"] is None
 
 
-def test_caption_of_urls_from_a_loopback_server(run_dir, shape_features, tmp_path):
+def test_caption_of_urls_from_a_loopback_server(trained_run, shape_features, tmp_path):
     image = sorted(images_of(shape_features).glob("*.jpg"))[0]
     with LoopbackServer() as server:
         url = server.add_file("shape.jpg", image.read_bytes())
         gone = server.url("/img/gone.jpg")
-        allowed = invoke("caption", run_dir, url, gone, image, "--allow-private-network",
+        allowed = invoke("caption", trained_run, url, gone, image, "--allow-private-network",
                          "--json", tmp_path / "c.json", "--max-new-tokens", 8)  # fmt: skip
-        refused = invoke("caption", run_dir, url, "--max-new-tokens", 8)
+        refused = invoke("caption", trained_run, url, "--max-new-tokens", 8)
     assert allowed.exit_code == 1, allowed.output
     rows = json.loads((tmp_path / "c.json").read_text())["images"]
     assert rows[0]["error"] is None and rows[1]["error"].startswith("http_4xx")
@@ -104,17 +89,17 @@ def test_caption_of_urls_from_a_loopback_server(run_dir, shape_features, tmp_pat
     assert server.hits["/img/shape.jpg"] == 1
 
 
-def test_greedy_gives_one_caption_and_sampling_several(run_dir, shape_features, tmp_path):
+def test_greedy_gives_one_caption_and_sampling_several(trained_run, shape_features, tmp_path):
     image = sorted(images_of(shape_features).glob("*.jpg"))[0]
-    greedy_many = invoke("caption", run_dir, image, "--num", 2)
+    greedy_many = invoke("caption", trained_run, image, "--num", 2)
     assert greedy_many.exit_code == 2
     assert "--temperature" in greedy_many.output and len(greedy_many.output.splitlines()) == 1
     for flags in (["--temperature", -1], ["--top-p", 0], ["--top-p", 1.5], ["--num", 0]):
-        assert invoke("caption", run_dir, image, *flags).exit_code == 2, flags
+        assert invoke("caption", trained_run, image, *flags).exit_code == 2, flags
 
     def sample(seed: int) -> list[list[str]]:
         out = tmp_path / f"{seed}.json"
-        result = invoke("caption", run_dir, image, image, "--num", 3, "--temperature", 1.5,
+        result = invoke("caption", trained_run, image, image, "--num", 3, "--temperature", 1.5,
                         "--top-p", 0.95, "--seed", seed, "--max-new-tokens", 6,
                         "--json", out)  # fmt: skip
         assert result.exit_code == 0, result.output
@@ -136,8 +121,8 @@ def test_printed_captions_cannot_drive_the_terminal():
 # --- eval ------------------------------------------------------------------------------------
 
 
-def test_eval_writes_the_metrics_of_held_out_captions(run_dir, shape_features, tmp_path):
-    result = invoke("eval", run_dir, shape_features, "--samples", 5, "--max-new-tokens", 8,
+def test_eval_writes_the_metrics_of_held_out_captions(trained_run, shape_features, tmp_path):
+    result = invoke("eval", trained_run, shape_features, "--samples", 5, "--max-new-tokens", 8,
                     "--out", tmp_path / "eval", "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "eval" / "eval.json").read_text())
@@ -145,34 +130,34 @@ def test_eval_writes_the_metrics_of_held_out_captions(run_dir, shape_features, t
     assert {"val_loss", "perplexity", *METRICS} <= set(metrics)
     assert all(np.isfinite(metrics[name]) for name in ("val_loss", "perplexity", *METRICS))
     # The held-out examples and prompts the trainer validated on: the loss it logged.
-    logged = json.loads((run_dir / "summary.json").read_text())["val_loss"]
+    logged = json.loads((trained_run / "summary.json").read_text())["val_loss"]
     assert metrics["val_loss"] == pytest.approx(logged, rel=1e-4)
     assert metrics["perplexity"] == pytest.approx(np.exp(metrics["val_loss"]))
     captions = record["captions"]
     assert record["samples"] == len(captions) == 5 and record["held_out"] > 5
     keys = np.array([c["key"] for c in captions], dtype="S")
-    assert (split_fraction(keys) < VAL_FRACTION).all()  # held-out keys only
+    assert (split_fraction(keys) < TRAINED_RUN_VAL_FRACTION).all()  # held-out keys only
     assert all(c["reference"].startswith("a ") for c in captions)
     assert "CIDEr-D" in result.stdout and "validation loss" in result.stdout
     assert not (tmp_path / "eval" / "index.html").exists()
 
 
-def eval_page(run_dir: Path, features: Path, images: Path, out: Path) -> tuple[str, list]:
-    result = invoke("eval", run_dir, features, "--samples", 4, "--max-new-tokens", 4,
+def eval_page(trained_run: Path, features: Path, images: Path, out: Path) -> tuple[str, list]:
+    result = invoke("eval", trained_run, features, "--samples", 4, "--max-new-tokens", 4,
                     "--images", images, "--quiet", *(["--out", out] if out else []))  # fmt: skip
     assert result.exit_code == 0, result.output
-    out = out or run_dir / "eval" / "step-00000006"  # the default: by checkpoint, in the run
+    out = out or trained_run / "eval" / "step-00000006"  # the default: by checkpoint, in the run
     captions = json.loads((out / "eval.json").read_text())["captions"]
     assert len(list((out / "thumbs").glob("*.jpg"))) == 4
     return (out / "index.html").read_text(), captions
 
 
-def test_eval_with_images_writes_a_page_beside_the_json(run_dir, shape_features, tmp_path):
+def test_eval_with_images_writes_a_page_beside_the_json(trained_run, shape_features, tmp_path):
     from vlmdata.pipeline.imageops import SquareOptions
     from vlmdata.pipeline.preprocess import PreprocessConfig, run_preprocess
 
     folder = images_of(shape_features)  # the image folder the features were encoded from
-    page, captions = eval_page(run_dir, shape_features, folder, None)
+    page, captions = eval_page(trained_run, shape_features, folder, None)
     assert page.count("<img ") == 4 and 'class="missing"' not in page
     for caption in captions:
         assert f"<p>{caption['reference']}</p>" in page
@@ -180,14 +165,14 @@ def test_eval_with_images_writes_a_page_beside_the_json(run_dir, shape_features,
     shards = tmp_path / "shards"  # the same images as preprocess shards: keys and shard names
     run_preprocess(PreprocessConfig(str(folder), str(shards), SquareOptions(size=64),
                                     shard_size=100, processes=1, quiet=True))  # fmt: skip
-    page, _ = eval_page(run_dir, shape_features, shards, tmp_path / "from-shards")
+    page, _ = eval_page(trained_run, shape_features, shards, tmp_path / "from-shards")
     assert page.count("<img ") == 4 and 'class="missing"' not in page
 
     other = tmp_path / "other"
     other.mkdir()
     for path in sorted(folder.glob("*.jpg"))[:3]:
         (other / path.name).write_bytes(path.read_bytes())
-    wrong = invoke("eval", run_dir, shape_features, "--images", other, "--samples", 1)
+    wrong = invoke("eval", trained_run, shape_features, "--images", other, "--samples", 1)
     assert wrong.exit_code == 2 and "pass the folder the features were made from" in wrong.output
 
 

@@ -4,7 +4,6 @@ internal error, a misleading message or a runaway generation."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,6 @@ from vlmdata.train.model import VisionLanguageModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights")
 runner = CliRunner(env={"COLUMNS": "200"})
-
-
-@pytest.fixture(scope="module")
-def run_dir(shape_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vlmdata.train.trainer import TrainConfig, run_train
-
-    out = tmp_path_factory.mktemp("hostile") / "run"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights
-        run_train(TrainConfig(features=(str(shape_features),), llm="tiny-random-llama",
-                              out=str(out), max_steps=2, batch_size=8, workers=0,
-                              val_fraction=0.1, quiet=True))  # fmt: skip
-    return out
 
 
 def an_image(features: Path) -> Path:
@@ -48,31 +34,31 @@ def assert_user_error(result, *words: str) -> None:
         assert word in errors[0], errors[0]
 
 
-def test_eval_out_that_is_a_file_is_a_user_error(run_dir, shape_features, tmp_path):
+def test_eval_out_that_is_a_file_is_a_user_error(trained_run, shape_features, tmp_path):
     # evaluate.py:128 out.mkdir() raises FileExistsError -> "internal error ... please report"
     taken = tmp_path / "results.json"
     taken.write_text("{}")
-    result = invoke("eval", run_dir, shape_features, "--samples", 1, "--quiet", "--out", taken)
+    result = invoke("eval", trained_run, shape_features, "--samples", 1, "--quiet", "--out", taken)
     assert_user_error(result, "--out")
 
 
-def test_eval_out_that_cannot_be_made_is_a_user_error(run_dir, shape_features, tmp_path):
+def test_eval_out_that_cannot_be_made_is_a_user_error(trained_run, shape_features, tmp_path):
     # a parent that is a file: mkdir raises NotADirectoryError/FileExistsError -> internal error
     parent = tmp_path / "file"
     parent.write_text("")
-    result = invoke("eval", run_dir, shape_features, "--samples", 1, "--quiet",
+    result = invoke("eval", trained_run, shape_features, "--samples", 1, "--quiet",
                     "--out", parent / "eval")  # fmt: skip
     assert_user_error(result, "--out")
 
 
-def test_run_dir_that_is_a_file_is_not_called_a_damaged_config(run_dir, shape_features):
-    # checkpoints.py:47 read_state_json(run_dir / CONFIG) raises NotADirectoryError, reported as
+def test_run_dir_that_is_a_file_is_not_called_a_damaged_config(trained_run, shape_features):
+    # checkpoints.py:47 read_state_json(trained_run / CONFIG) raises NotADirectoryError, reported as
     # "RUN/config.json/config.json is damaged ...; delete it and rerun the stage"
-    result = invoke("caption", run_dir / "config.json", an_image(shape_features))
+    result = invoke("caption", trained_run / "config.json", an_image(shape_features))
     assert_user_error(result, "not a vlmdata training run")
 
 
-def test_max_new_tokens_past_the_llm_context_is_refused(run_dir, shape_features, monkeypatch):
+def test_max_new_tokens_past_the_llm_context_is_refused(trained_run, shape_features, monkeypatch):
     # caption.py:164 only checks >= 1: --max-new-tokens 100000 runs generation far past the
     # LLM's 2048 positions (transformers warns, then it runs for many minutes on CPU).
     def generate(self, batch, stop_ids, max_new_tokens, *args, **kwargs):
@@ -80,11 +66,13 @@ def test_max_new_tokens_past_the_llm_context_is_refused(run_dir, shape_features,
         raise AssertionError(f"generated up to {max_new_tokens} tokens past a {limit} context")
 
     monkeypatch.setattr(VisionLanguageModel, "generate", generate)
-    result = invoke("caption", run_dir, an_image(shape_features), "--max-new-tokens", 100_000)
+    result = invoke("caption", trained_run, an_image(shape_features), "--max-new-tokens", 100_000)
     assert_user_error(result, "--max-new-tokens")
 
 
-def test_num_does_not_multiply_the_generation_batch_unbounded(run_dir, shape_features, monkeypatch):
+def test_num_does_not_multiply_the_generation_batch_unbounded(
+    trained_run, shape_features, monkeypatch
+):
     # caption.py:89 generates images x --num sequences in one call: --num 100000 allocates
     # gigabytes at once and dies with "internal error (RuntimeError: ... can't allocate
     # memory)". Either refuse such a --num, or generate at most --batch-size sequences a call.
@@ -98,14 +86,16 @@ def test_num_does_not_multiply_the_generation_batch_unbounded(run_dir, shape_fea
         return real(self, batch, stop_ids, max_new_tokens, temperature, top_p, num)
 
     monkeypatch.setattr(VisionLanguageModel, "generate", generate)
-    result = invoke("caption", run_dir, an_image(shape_features), "--num", 100_000,
+    result = invoke("caption", trained_run, an_image(shape_features), "--num", 100_000,
                     "--temperature", 1, "--max-new-tokens", 1, "--batch-size", 4)  # fmt: skip
     if result.exit_code != 2:
         assert result.exit_code == 0, result.output
         assert max(rows) <= 4
 
 
-def test_more_captions_than_a_batch_are_generated_in_rounds(run_dir, shape_features, monkeypatch):
+def test_more_captions_than_a_batch_are_generated_in_rounds(
+    trained_run, shape_features, monkeypatch
+):
     real = VisionLanguageModel.generate
     rows: list[int] = []
 
@@ -114,7 +104,7 @@ def test_more_captions_than_a_batch_are_generated_in_rounds(run_dir, shape_featu
         return real(self, batch, stop_ids, max_new_tokens, temperature, top_p, num)
 
     monkeypatch.setattr(VisionLanguageModel, "generate", generate)
-    result = invoke("caption", run_dir, an_image(shape_features), an_image(shape_features),
+    result = invoke("caption", trained_run, an_image(shape_features), an_image(shape_features),
                     "--num", 6, "--temperature", 1, "--max-new-tokens", 2,
                     "--batch-size", 4)  # fmt: skip
     assert result.exit_code == 0, result.output

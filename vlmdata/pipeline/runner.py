@@ -129,14 +129,15 @@ def path_argument(text: str, name: str = "OUTPUT_DIR") -> Path:
     return Path(text)
 
 
-def check_output_location(out: Path, inputs: list[Path]) -> None:
-    """Refuse an OUTPUT_DIR that is, sits inside or holds an input."""
+def check_output_location(out: Path, inputs: list[Path], name: str = "OUTPUT_DIR") -> None:
+    """Refuse an output directory (``name`` in messages) that is, sits inside or holds an
+    input."""
     target = out.resolve()
     for path in inputs:
         source = path.resolve()
         if target == source or target.is_relative_to(source) or source.is_relative_to(target):
             raise UserError(
-                f"OUTPUT_DIR {out} must differ from the input {path}, neither inside it nor "
+                f"{name} {out} must differ from the input {path}, neither inside it nor "
                 "holding it; pass a directory outside the input"
             )
 

@@ -297,13 +297,13 @@ def _input_change(before: object, now: object) -> str:
     """What differs between two input fingerprints, in a user's words: the file that changed
     and how, or the input option (``--limit 100``)."""
     if not (isinstance(before, dict) and isinstance(now, dict)):
-        return _short(before)
+        return short_text(before)
     old_files, new_files = before.get("files"), now.get("files")
     if isinstance(old_files, list) and isinstance(new_files, list) and old_files != new_files:
         old_names = [f.get("name") for f in old_files if isinstance(f, dict)]
         new_names = [f.get("name") for f in new_files if isinstance(f, dict)]
         if old_names != new_names:
-            return f"the files {_short(', '.join(map(str, old_names)))}"
+            return f"the files {short_text(', '.join(map(str, old_names)))}"
         old, new = next((a, b) for a, b in zip(old_files, new_files, strict=True) if a != b)
         if set(old) != set(new):  # written by a vlmdata that fingerprinted otherwise
             return "it was made by an older vlmdata, which identified inputs otherwise"
@@ -339,10 +339,11 @@ def _as_flag(option: str, value: object) -> str:
         return flag
     if isinstance(value, list):
         return f"{flag} {','.join(map(str, value))}"
-    return f"{flag} {_short(value)}"
+    return f"{flag} {short_text(value)}"
 
 
-def _short(value: object) -> str:
+def short_text(value: object) -> str:
+    """A value for a one-line message: JSON unless a string, cut to 60 characters."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "..."
 

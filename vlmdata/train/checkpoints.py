@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from vlmdata.errors import UserError, one_line
-from vlmdata.pipeline.shards import atomic_write_json, fsync_dir, read_state_json
+from vlmdata.pipeline.shards import atomic_write_json, fsync_dir, fsync_file, read_state_json
 from vlmdata.train.llm import LoadedLLM, load_llm, no_progress_bars
 from vlmdata.train.lora import merged_lora, save_lora
 from vlmdata.train.model import VisionLanguageModel
@@ -107,8 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, model: VisionLanguageModel, train_
     torch.save(trainer_state, tmp / TRAINER_STATE)
     for path in tmp.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
     if final.exists():  # the same step saved again (a stop right after a save)
         shutil.rmtree(final)
     os.replace(tmp, final)

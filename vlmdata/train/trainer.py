@@ -29,7 +29,13 @@ from tqdm import tqdm
 from vlmdata import __version__
 from vlmdata.encode.models import PRECISIONS, resolve_device, resolve_precision
 from vlmdata.errors import UserError, one_line, require_at_least, require_finite
-from vlmdata.pipeline.shards import atomic_write_json, exclusive_output, read_state_json
+from vlmdata.pipeline.runner import check_output_location
+from vlmdata.pipeline.shards import (
+    atomic_write_json,
+    exclusive_output,
+    read_state_json,
+    short_text,
+)
 from vlmdata.pipeline.upstream import marker_of
 from vlmdata.train import checkpoints as ckpt
 from vlmdata.train.conversations import Conversations
@@ -203,7 +209,7 @@ class _Position:
 def run_train(config: TrainConfig) -> TrainSummary:
     """Train a projector (and the LLM when asked) on the features of ``config.features``."""
     out = Path(config.out)
-    _check_out_location(out, config.features)
+    check_output_location(out, [Path(f) for f in config.features], name="--out")
     device = resolve_device(config.device, "fp32")
     precision = resolve_precision(config.precision, device)
     distributed = Distributed.from_environment(device)
@@ -312,10 +318,10 @@ class Trainer:
         now = _options(self.config)
         for name, value in now.items():
             if name not in _RESUMABLE and before.get(name) != value:
+                flag, earlier = name.replace("_", "-"), short_text(before.get(name))
                 raise UserError(
-                    f"--resume with --{name.replace('_', '-')} {_cut(value)} but {self.out} was "
-                    f"trained with {_cut(before.get(name))}; resume with the same options, or use "
-                    "another --out"
+                    f"--resume with --{flag} {short_text(value)} but {self.out} was trained with "
+                    f"{earlier}; resume with the same options, or use another --out"
                 )
         return latest
 
@@ -625,26 +631,12 @@ class Trainer:
         self.dist.barrier()
 
 
-def _check_out_location(out: Path, features: tuple[str, ...]) -> None:
-    """Refuse an --out that is, or lies inside, a features directory."""
-    target = out.resolve()
-    for folder in features:
-        source = Path(folder).resolve()
-        if target == source or target.is_relative_to(source):
-            raise UserError(f"--out {out} lies in the features {folder}; pass a directory outside")
-
-
 def _shards_digest(files: FeatureFiles) -> str:
     """What identifies the training data: every shard's path and state (its stats marker)."""
     shards = zip(files.shard_dirs, files.rows, strict=True)
     listing = [[str(folder.resolve()), name, rows] for (folder, name), rows in shards]
     markers = [marker_of(folder / f"{name}.stats.json") for folder, name in files.shard_dirs]
     return hashlib.sha256(json.dumps([listing, markers]).encode()).hexdigest()
-
-
-def _cut(value: object, limit: int = 80) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> tuple[str, ...]:
