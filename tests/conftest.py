@@ -159,20 +159,15 @@ def write_shape_images(folder: Path, count: int, seed: int = 0) -> None:
     ("a red circle") that name both."""
     import random
 
+    from vlmdata.demo.corpus import draw_shape
+
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         colour, shape = rng.choice(list(SHAPE_COLOURS)), rng.choice(SHAPES)
         image = Image.new("RGB", (96, 96), (255, 255, 255))
-        draw = ImageDraw.Draw(image)
         x, w = rng.randint(8, 30), rng.randint(40, 60)
-        fill = SHAPE_COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse([x, x, x + w, x + w], fill=fill)
-        elif shape == "square":
-            draw.rectangle([x, x, x + w, x + w], fill=fill)
-        else:
-            draw.polygon([(x, x + w), (x + w, x + w), (x + w // 2, x)], fill=fill)
+        draw_shape(ImageDraw.Draw(image), shape, (x, x, x + w, x + w), SHAPE_COLOURS[colour])
         image.save(folder / f"{i:04d}.jpg", quality=90)
         (folder / f"{i:04d}.txt").write_text(f"a {colour} {shape}")
 

@@ -45,6 +45,7 @@ from vlmdata.pipeline.runner import (
     run_stage,
 )
 from vlmdata.pipeline.shards import (
+    PLACEHOLDER,
     PLAN,
     RECORD_SCHEMA,
     STAGE_DATA_FILES,
@@ -65,7 +66,6 @@ from vlmdata.pipeline.upstream import (
     open_image_input,
 )
 
-PLACEHOLDER = "placeholder"
 # For real CLIP weights: re-encodings of one image score above ~0.95, unrelated images well
 # below 0.9. Tune it from placeholder_similarity_histogram in the stats (README, "Placeholders").
 DEFAULT_PLACEHOLDER_THRESHOLD = 0.92

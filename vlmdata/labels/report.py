@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,8 @@ from vlmdata.labels.summary import (
 from vlmdata.labels.taxonomy import load_taxonomy, load_templates, templates_digest
 from vlmdata.labels.thumbnails import Thumbnail, open_image_shards, write_thumbnails
 from vlmdata.pipeline.runner import path_argument
+from vlmdata.report import charts
+from vlmdata.report.page import CSS
 
 REPORT_FILE = "report.json"  # the report's numbers; also what marks a folder as a report
 _REPORT_KIND = "vlmdata labels report"
@@ -51,19 +53,7 @@ CHARTS = {
     "confidence": "confidence.png",
     "confidence_by_category": "confidence_by_category.png",
 }
-# Category colours, by frequency rank (cycled): muted, distinct, readable on white.
-_PALETTE = (
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",
-    "#ff9da7", "#9c755f", "#86bcb6", "#8cd17d", "#d4a6c8", "#a0cbe8", "#ffbe7d",
-)  # fmt: skip
-_PLACEHOLDER_COLOUR = "#8c8c8c"
-_INK, _MUTED, _GRID = "#1f2328", "#656d76", "#e6e8eb"
-_DPI = 110
 _LOCK = ".lock"  # in a report's work folder: held while the run lives
-_NAME_CHARS = 60  # a category or description longer than this is cut in the charts
-# Label text is the user's: drawn as written, never as mathtext ("$3 and $4") or LaTeX.
-_LITERAL_TEXT = {"text.usetex": False, "text.parse_math": False,
-                 "axes.formatter.use_mathtext": False}  # fmt: skip
 
 
 @dataclass
@@ -306,102 +296,49 @@ def _report_json(summary: LabelSummary, run: LabelsRun, missing: dict) -> str:
 def _colours(summary: LabelSummary) -> dict[str, str]:
     """One colour per category, by frequency rank; the placeholder category in grey."""
     names = summary.categories["category"].to_list()
-    colours = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(names)}
-    colours[summary.options.placeholder_category] = _PLACEHOLDER_COLOUR
+    palette = charts.PALETTE
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    colours[summary.options.placeholder_category] = charts.GREY
     return colours
 
 
 def _write_charts(summary: LabelSummary, folder: Path) -> None:
-    import matplotlib
-
     colours = _colours(summary)
     categories = summary.categories.head(TOP_BARS)
     descriptions = summary.descriptions.head(TOP_BARS)
-    with matplotlib.rc_context(_LITERAL_TEXT):  # ticks are made when drawn: inside too
-        _bar_chart(
-            folder / CHARTS["categories"], _cut_all(categories["category"]),
-            categories["count"].to_list(), categories["share"].to_list(),
-            [colours[c] for c in categories["category"]], [""] * len(categories),
-            f"Most frequent categories (of {len(summary.categories)})",
-        )  # fmt: skip
-        _bar_chart(
-            folder / CHARTS["descriptions"], _cut_all(descriptions["description"]),
-            descriptions["count"].to_list(), descriptions["share"].to_list(),
-            [colours[c] for c in descriptions["category"]],
-            _cut_all(descriptions["category"], _NAME_CHARS // 2),
+    with charts.drawing():
+        charts.bar_chart(
+            charts.cut_all(categories["category"]), categories["count"].to_list(),
+            categories["share"].to_list(), [colours[c] for c in categories["category"]],
+            [""] * len(categories), f"Most frequent categories (of {len(summary.categories)})",
+        ).savefig(folder / CHARTS["categories"], format="png")  # fmt: skip
+        charts.bar_chart(
+            charts.cut_all(descriptions["description"]), descriptions["count"].to_list(),
+            descriptions["share"].to_list(), [colours[c] for c in descriptions["category"]],
+            charts.cut_all(descriptions["category"], charts.NAME_CHARS // 2),
             f"Top {len(descriptions)} descriptions (of {len(summary.descriptions)} used)",
-        )  # fmt: skip
+        ).savefig(folder / CHARTS["descriptions"], format="png")  # fmt: skip
         _histograms(summary, folder / CHARTS["confidence"])
         _category_ranges(summary, categories["category"].to_list(), colours,
                          folder / CHARTS["confidence_by_category"])  # fmt: skip
 
 
-def _figure(width: float, height: float):
-    """A figure on the Agg canvas (no pyplot, no global backend)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _style(axes, grid_axis: str) -> None:
-    """Light axes: no box, a faint grid behind the data, muted ticks."""
-    for side in ("top", "right"):
-        axes.spines[side].set_visible(False)
-    for side in ("left", "bottom"):
-        axes.spines[side].set_color("#c9ced4")
-    axes.tick_params(colors=_MUTED, labelcolor=_INK, labelsize=9, length=3)
-    axes.grid(axis=grid_axis, color=_GRID, linewidth=0.8)
-    axes.set_axisbelow(True)
-
-
-def _bar_chart(
-    path: Path, names: list[str], counts: list[int], shares: list[float], colours: list[str],
-    notes: list[str], title: str,
-) -> None:  # fmt: skip
-    """Horizontal bars, most frequent on top, each labelled with its count and share."""
-    figure = _figure(10, 0.7 + 0.27 * max(len(names), 1))
-    axes = figure.add_subplot()
-    _style(axes, "x")
-    axes.grid(False)  # every bar carries its count: no value axis
-    axes.spines["bottom"].set_visible(False)
-    axes.tick_params(bottom=False, labelbottom=False)
-    positions = range(len(names))
-    axes.barh(positions, counts, color=colours, height=0.72)
-    axes.set_yticks(list(positions), names)
-    axes.invert_yaxis()
-    axes.set_ylim(len(names) - 0.5, -0.5)
-    top = max(counts, default=1) or 1
-    axes.set_xlim(0, top * (1.62 if any(notes) else 1.3))  # room for the labels
-    for y, (count, share, note) in enumerate(zip(counts, shares, notes, strict=True)):
-        label = f"{count:,}  ·  {share:.1%}" + (f"   {note}" if note else "")
-        axes.text(count + top * 0.01, y, label, va="center", fontsize=8.5, color=_MUTED)
-    _title(figure, title)
-    figure.savefig(path, format="png")
-
-
 def _histograms(summary: LabelSummary, path: Path) -> None:
     """The distribution of each metric over every row, its median marked."""
-    figure = _figure(10, 3.2)
+    figure = charts.figure(10, 3.2)
     names = {"probability": "probability of the best description",
              "cosine": "cosine to the best description"}  # fmt: skip
     overall = summary.confidence.filter(pl.col("category") == ALL)
     for index, metric in enumerate(names):
         axes = figure.add_subplot(1, 2, index + 1)
-        _style(axes, "y")
+        charts.style(axes, "y")
         counts = summary.histogram(metric, bins=50)
-        edges = summary.bins[metric].edges(50)
-        axes.stairs(counts, edges, fill=True, color="#4e79a7", alpha=0.85)
+        charts.histogram(axes, summary.bins[metric].edges(50), {metric: counts}, [charts.BLUE])
         median = overall.filter(pl.col("metric") == metric)["q50"][0]
         if median is not None:
-            axes.axvline(median, color=_INK, linewidth=1, linestyle="--")
-            axes.text(median, axes.get_ylim()[1] * 0.97, f" median {median:.3g}", va="top",
-                      fontsize=8.5, color=_INK)  # fmt: skip
-        axes.set_xlabel(names[metric], color=_MUTED, fontsize=9)
-        axes.set_ylabel("images", color=_MUTED, fontsize=9)
-    _title(figure, "Confidence of the labels, all images")
+            charts.mark(axes, median, f"median {median:.3g}")
+        charts.axis_labels(axes, names[metric], "images")
+    charts.title(figure, "Confidence of the labels, all images")
     figure.savefig(path, format="png")
 
 
@@ -410,98 +347,30 @@ def _category_ranges(
 ) -> None:
     """Per category, each metric's middle half (box), 5th-95th percentiles (whisker) and
     median (tick): a box plot drawn from the histogram quantiles."""
-    figure = _figure(10, 1.0 + 0.27 * max(len(categories), 1))
+    figure = charts.figure(10, 1.0 + 0.27 * max(len(categories), 1))
     stats = summary.confidence
     for index, metric in enumerate(("probability", "cosine")):
         axes = figure.add_subplot(1, 2, index + 1)
-        _style(axes, "x")
+        charts.style(axes, "x")
         for y, category in enumerate(categories):
             row = stats.filter((pl.col("category") == category) & (pl.col("metric") == metric))
             q = row.row(0, named=True)
             if q["q50"] is None:
                 continue
-            axes.hlines(y, q["q05"], q["q95"], color=_MUTED, linewidth=1)
+            axes.hlines(y, q["q05"], q["q95"], color=charts.MUTED, linewidth=1)
             axes.barh(y, q["q75"] - q["q25"], left=q["q25"], height=0.6,
                       color=colours[category], alpha=0.9)  # fmt: skip
-            axes.vlines(q["q50"], y - 0.3, y + 0.3, color=_INK, linewidth=1.6)
-        axes.set_yticks(range(len(categories)), _cut_all(categories))
+            axes.vlines(q["q50"], y - 0.3, y + 0.3, color=charts.INK, linewidth=1.6)
+        axes.set_yticks(range(len(categories)), charts.cut_all(categories))
         if index:  # the rows are the left panel's
             axes.tick_params(left=False, labelleft=False)
         axes.set_ylim(len(categories) - 0.5, -0.5)
-        axes.set_xlabel(metric, color=_MUTED, fontsize=9)
-    _title(figure, "Confidence per category: median, middle half, 5th to 95th percentile")
+        axes.set_xlabel(metric, color=charts.MUTED, fontsize=9)
+    charts.title(figure, "Confidence per category: median, middle half, 5th to 95th percentile")
     figure.savefig(path, format="png")
 
 
-def _title(figure, title: str) -> None:
-    figure.suptitle(title, x=0.01, ha="left", fontsize=12, color=_INK)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _cut_all(names: Iterable[str], limit: int = _NAME_CHARS) -> list[str]:
-    """Names as a chart shows them: cut to ``limit`` characters (the page has them whole)."""
-    return [_cut(name, limit) for name in names]
-
-
 # --- the page ------------------------------------------------------------------------------
-
-_CSS = """
-:root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --panel:#f6f8fa; --accent:#0969da; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--ink); background: #fff;
-  font: 15px/1.5 -apple-system, "Segoe UI", "Helvetica Neue", Arial, "DejaVu Sans", sans-serif; }
-header { background: var(--panel); border-bottom: 1px solid var(--line); }
-.wrap { max-width: 1160px; margin: 0 auto; padding: 0 32px; }
-header .wrap { padding-top: 28px; padding-bottom: 24px; }
-h1 { font-size: 26px; margin: 0 0 2px; font-weight: 650; letter-spacing: -0.01em; }
-.sub { color: var(--muted); margin: 0 0 20px; word-break: break-all; }
-.warn { background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 8px 12px; }
-a { color: var(--accent); }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(170px, 1fr)); gap: 12px;
-  margin-bottom: 18px; }
-.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; }
-.card .n { font-size: 24px; font-weight: 650; font-variant-numeric: tabular-nums; }
-.card .l { color: var(--muted); font-size: 13px; }
-table { border-collapse: collapse; font-size: 14px; }
-table.facts td { padding: 3px 18px 3px 0; vertical-align: top; }
-table.facts td:first-child { color: var(--muted); white-space: nowrap; }
-table.facts code { word-break: break-all; }
-nav { margin-top: 16px; font-size: 14px; }
-nav a { color: var(--accent); text-decoration: none; margin-right: 16px; }
-h2 { font-size: 21px; margin: 44px 0 6px; padding-bottom: 6px;
-  border-bottom: 1px solid var(--line); }
-h3 { font-size: 16px; margin: 28px 0 10px; }
-h3 .meta { color: var(--muted); font-weight: 400; font-size: 14px; margin-left: 8px; }
-p.note { color: var(--muted); margin: 6px 0 14px; max-width: 820px; }
-img.chart { display: block; max-width: 100%; height: auto; margin: 14px 0 8px; }
-table.numbers th { text-align: left; color: var(--muted); font-weight: 500;
-  border-bottom: 1px solid var(--line); padding: 6px 14px 6px 0; }
-table.numbers td { padding: 4px 14px 4px 0; border-bottom: 1px solid #eef1f4;
-  font-variant-numeric: tabular-nums; }
-table.numbers td.num, table.numbers th.num { text-align: right; }
-.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px;
-  margin-right: 8px; vertical-align: baseline; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 14px; }
-.tile { margin: 0; background: var(--panel); border: 1px solid var(--line); border-radius: 8px;
-  overflow: hidden; }
-.tile img, .tile .missing { display: block; width: 100%; aspect-ratio: 1 / 1; object-fit: cover; }
-.tile .missing { display: flex; align-items: center; justify-content: center; text-align: center;
-  padding: 12px; color: var(--muted); font-size: 12px; background: repeating-linear-gradient(
-  45deg, #eef1f4, #eef1f4 8px, #f6f8fa 8px, #f6f8fa 16px); }
-.tile figcaption { padding: 7px 9px 9px; font-size: 12px; line-height: 1.35; }
-.clamp { display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 2;
-  overflow: hidden; }
-.tile .label { font-weight: 600; }
-.tile .scores { color: var(--muted); font-variant-numeric: tabular-nums; margin: 2px 0; }
-.tile .caption { color: var(--muted); }
-footer { color: var(--muted); font-size: 13px; margin: 56px 0 32px; }
-ul.missing-list { color: var(--muted); font-size: 14px; }
-details { margin: 4px 0 8px; }
-summary { cursor: pointer; color: var(--accent); font-size: 14px; margin-bottom: 10px; }
-"""
 
 
 def _page(
@@ -563,7 +432,7 @@ def _page(
     return (
         f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n"
+        f"<title>{e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n"
         "</body>\n</html>\n"
     )
 
@@ -700,14 +569,14 @@ def _tile(tile: _Tile, show_category: bool) -> str:
         hover.append(tile.url)
     thumbnail = tile.thumbnail
     if thumbnail.file is not None:
-        picture = f'<img src="{e(thumbnail.file)}" alt="{e(_cut(tile.description, 80))}">'
+        picture = f'<img src="{e(thumbnail.file)}" alt="{e(charts.cut(tile.description, 80))}">'
         if tile.url and tile.url.startswith(("http://", "https://")):
             picture = (f'<a href="{e(tile.url)}" target="_blank" rel="noopener noreferrer">'
                        f"{picture}</a>")  # fmt: skip
     else:
         picture = f'<div class="missing">image not shown:<br>{e(thumbnail.problem or "")}</div>'
     label = f"{tile.category}: {tile.description}" if show_category else tile.description
-    caption = (f'<div class="caption clamp">{e(_cut(tile.caption, 300))}</div>'
+    caption = (f'<div class="caption clamp">{e(charts.cut(tile.caption, 300))}</div>'
                if tile.caption else "")  # fmt: skip
     return (
         f'<figure class="tile" title="{e(chr(10).join(hover))}">{picture}<figcaption>'

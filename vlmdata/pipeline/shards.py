@@ -38,6 +38,7 @@ SUCCESS = "success"
 FAILED_TO_DOWNLOAD = "failed_to_download"
 FAILED_TO_DECODE = "failed_to_decode"
 FILTERED = "filtered"  # a valid image a rule left out (e.g. --min-side)
+PLACEHOLDER = "placeholder"  # encode: an image like a reference placeholder, left out
 DUPLICATE = "duplicate"  # a key seen before in the same input shard (the first is kept)
 RATIO_BINS = 20  # histogram of min(w, h) / max(w, h) over [0, 1] in image stages' stats
 SIMILARITY_BINS = 50  # histogram of the max cosine similarity to a placeholder, over [0, 1]

@@ -1,1 +1,3 @@
 """Train stage: HDF5 feature dataset, projectors, VLM wrapper, trainer, captioning and metrics."""
+
+RUN_CONFIG = "config.json"  # marks a training run directory (see checkpoints.read_run_config)

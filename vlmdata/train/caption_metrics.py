@@ -19,6 +19,7 @@ from vlmdata.errors import UserError
 
 BLEU_ORDERS = (1, 2, 3, 4)
 METRICS = (*(f"bleu_{n}" for n in BLEU_ORDERS), "cider_d")
+METRIC_NAMES = {**{f"bleu_{n}": f"BLEU-{n}" for n in BLEU_ORDERS}, "cider_d": "CIDEr-D"}
 # A word (letters or digits, hyphenated parts kept together), a clitic after it, or the "n't"
 # that PTB splits from its verb; anything else (punctuation, symbols) is dropped.
 _TOKEN = re.compile(r"\w+?(?=n't\b)|n't\b|'\w+|\w+(?:-\w+)*")

@@ -26,13 +26,13 @@ import torch
 
 from vlmdata.errors import UserError, one_line
 from vlmdata.pipeline.shards import atomic_write_json, fsync_dir, fsync_file, read_state_json
+from vlmdata.train import RUN_CONFIG
 from vlmdata.train.llm import LoadedLLM, load_llm, no_progress_bars
 from vlmdata.train.lora import merged_lora, save_lora
 from vlmdata.train.model import VisionLanguageModel
 from vlmdata.train.projectors import ProjectorConfig
 from vlmdata.train.sequence import ConversationFormat
 
-CONFIG = "config.json"
 ADAPTER = "projector.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 _LATEST = "latest.json"
@@ -47,15 +47,18 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def read_run_config(run_dir: Path) -> dict:
-    config = read_state_json(run_dir / CONFIG, missing_ok=True) if run_dir.is_dir() else None
-    if config is None or "projector" not in config:
+    config = read_state_json(run_dir / RUN_CONFIG, missing_ok=True) if run_dir.is_dir() else None
+    if config is None:
         raise UserError(
-            f"{run_dir} is not a vlmdata training run (no {CONFIG}); pass a train --out"
+            f"{run_dir} is not a vlmdata training run (no {RUN_CONFIG}); pass a train --out"
         )
+    if "projector" not in config:
+        raise UserError(f"{run_dir / RUN_CONFIG} is damaged (no projector); restore it, or "
+                        "train again")  # fmt: skip
     wrong = [name for name, kind in _RUN_FIELDS.items() if not isinstance(config.get(name), kind)]
     if wrong or not isinstance(config["features"].get("attrs"), dict):
         raise UserError(
-            f"{run_dir / CONFIG} is damaged ({', '.join(wrong) or 'features'}); restore it, or "
+            f"{run_dir / RUN_CONFIG} is damaged ({', '.join(wrong) or 'features'}); restore it, or "
             "train again"
         )
     return config
@@ -148,7 +151,7 @@ def base_llm(config: dict, device: str, dtype: torch.dtype) -> LoadedLLM:
     init = config.get("init")
     if init and init.get("llm"):  # the earlier run trained its LLM: this one starts from it
         run = Path(init["run"])
-        if not (run / CONFIG).exists():
+        if not (run / RUN_CONFIG).exists():
             raise UserError(
                 f"{run}, the --init run this one started from (with its trained LLM), is gone; "
                 "put it back where it was"

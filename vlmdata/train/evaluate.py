@@ -32,7 +32,7 @@ from tqdm import tqdm
 from vlmdata.errors import UserError, require_at_least
 from vlmdata.pipeline.shards import PLAN, atomic_write_bytes, atomic_write_json, read_state_json
 from vlmdata.train.caption import Captioner, check_prompt
-from vlmdata.train.caption_metrics import METRICS, caption_scores
+from vlmdata.train.caption_metrics import METRIC_NAMES, METRICS, caption_scores
 from vlmdata.train.checkpoints import checkpoint_of, read_run_config
 from vlmdata.train.data import (
     MATCHING_ATTRS,
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 
 RESULTS = "eval.json"
 PAGE = "index.html"
-_LABELS = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
-           "cider_d": "CIDEr-D"}  # fmt: skip
 
 
 @dataclass
@@ -93,7 +91,7 @@ class EvalSummary:
             ("validation loss", f"{m['val_loss']:.4f}",
              f"({m['loss_examples']} examples, {m['loss_tokens']} answer tokens)"),
             ("perplexity", f"{m['perplexity']:.2f}", ""),
-            *((_LABELS[name], f"{m[name]:.2f}", "") for name in METRICS),
+            *((METRIC_NAMES[name], f"{m[name]:.2f}", "") for name in METRICS),
         ]  # fmt: skip
         lines = [f"eval of {self.checkpoint}: {self.captioned} of {self.held_out} held-out "
                  "images captioned (greedy)"]  # fmt: skip
@@ -279,7 +277,7 @@ def _page(record: dict, thumbs: list, elapsed: float) -> str:
     e = html.escape
     m = record["metrics"]
     cards = [(f"{m['val_loss']:.3f}", "validation loss"), (f"{m['perplexity']:.2f}", "perplexity"),
-             *((f"{m[name]:.1f}", _LABELS[name]) for name in METRICS)]  # fmt: skip
+             *((f"{m[name]:.1f}", METRIC_NAMES[name]) for name in METRICS)]  # fmt: skip
     pairs = []
     for caption, thumb in zip(record["captions"], thumbs, strict=True):
         image = (f'<img src="{e(thumb.file)}" alt="" loading="lazy">' if thumb.file

@@ -7,6 +7,7 @@ are logged once, not twice.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -57,36 +58,51 @@ class MetricsLog:
         if not records:
             return None
         import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        with plt.rc_context({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False}):
-            figure, (loss_axes, lr_axes) = plt.subplots(
-                2, 1, figsize=(7, 4.6), sharex=True, height_ratios=(3, 1), layout="constrained"
-            )
-            steps = [r["step"] for r in records]
-            loss_axes.plot(steps, [r["loss"] for r in records], color="#9ab", lw=0.8,
-                           label="train (per step)")  # fmt: skip
-            smooth = _moving_average([r["loss"] for r in records], max(1, len(records) // 50))
-            loss_axes.plot(steps, smooth, color="#246", lw=1.6, label="train (smoothed)")
-            val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-            if val:
-                loss_axes.plot(*zip(*val, strict=True), "o-", color="#d62", lw=1.4, ms=4,
-                               label="validation")  # fmt: skip
-            loss_axes.set_ylabel("loss per answer token")
-            loss_axes.legend(frameon=False)
-            loss_axes.grid(alpha=0.3)
-            lr_axes.plot(steps, [r["lr"] for r in records], color="#484", lw=1.2)
-            lr_axes.set_ylabel("learning rate")
-            lr_axes.set_xlabel("optimizer step")
-            lr_axes.grid(alpha=0.3)
-            path = self.path.with_name(PLOT)
-            tmp = path.with_name(f".{PLOT}.tmp.png")
-            figure.savefig(tmp, dpi=120)
-            plt.close(figure)
-        tmp.replace(path)
+        with matplotlib.rc_context({"font.size": 9, "axes.spines.top": False,
+                                    "axes.spines.right": False}):  # fmt: skip
+            figure = Figure(figsize=(7, 4.6), layout="constrained")
+            FigureCanvasAgg(figure)  # the Agg canvas, no pyplot: no global backend
+            draw_loss(figure, records)
+            image = io.BytesIO()
+            figure.savefig(image, format="png", dpi=120)
+        path = self.path.with_name(PLOT)
+        atomic_write_bytes(path, image.getvalue())
         return path
+
+
+def draw_loss(figure, records: list[dict]) -> tuple:
+    """The training loss (per step and smoothed) and validation loss over steps on ``figure``,
+    the learning rate beneath; returns the two axes. Steps without a value are skipped."""
+    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    losses = [(r["step"], r["loss"]) for r in records if finite_number(r.get("loss"))]
+    if losses:
+        steps, values = zip(*losses, strict=True)
+        loss_axes.plot(steps, values, color="#9ab", lw=0.8, label="train (per step)")
+        smooth = _moving_average(list(values), max(1, len(values) // 50))
+        loss_axes.plot(steps, smooth, color="#246", lw=1.6, label="train (smoothed)")
+    val = [(r["step"], r["val_loss"]) for r in records if finite_number(r.get("val_loss"))]
+    if val:
+        loss_axes.plot(*zip(*val, strict=True), "o-", color="#d62", lw=1.4, ms=4,
+                       label="validation")  # fmt: skip
+    loss_axes.set_ylabel("loss per answer token")
+    if losses or val:
+        loss_axes.legend(frameon=False)
+    loss_axes.grid(alpha=0.3)
+    rates = [(r["step"], r["lr"]) for r in records if finite_number(r.get("lr"))]
+    if rates:
+        lr_axes.plot(*zip(*rates, strict=True), color="#484", lw=1.2)
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("optimizer step")
+    lr_axes.grid(alpha=0.3)
+    return loss_axes, lr_axes
+
+
+def finite_number(value: object) -> bool:
+    """A logged value that can be drawn (NaN and inf are logged as null)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_metrics(path: Path) -> list[dict]:

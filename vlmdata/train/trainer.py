@@ -37,6 +37,7 @@ from vlmdata.pipeline.shards import (
     short_text,
 )
 from vlmdata.pipeline.upstream import marker_of
+from vlmdata.train import RUN_CONFIG
 from vlmdata.train import checkpoints as ckpt
 from vlmdata.train.conversations import Conversations
 from vlmdata.train.data import (
@@ -282,7 +283,7 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         elif distributed.rank == 0:
-            atomic_write_json(out / ckpt.CONFIG, run_config)
+            atomic_write_json(out / RUN_CONFIG, run_config)
         self._saved_step = self.position.step if resume_from is not None else -1
         self._truncated = 0  # in this run's steps
         self.wrapped = distributed.wrap(self.model)
@@ -296,7 +297,7 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.out) if existing is not None else None
         if latest is None and any(ckpt.checkpoints_dir(self.out).glob("step-*")):
             raise UserError(
-                f"{self.out} holds checkpoints but no {ckpt.CONFIG} or checkpoints/latest.json; "
+                f"{self.out} holds checkpoints but no {RUN_CONFIG} or checkpoints/latest.json; "
                 "restore them, or use another --out"
             )
         if latest is None:
@@ -330,7 +331,7 @@ class Trainer:
         else is refused: a run would overwrite its config.json)."""
         if not self.out.is_dir() or not [p for p in self.out.iterdir() if p.name != ".lock"]:
             return None
-        if not (self.out / ckpt.CONFIG).exists():
+        if not (self.out / RUN_CONFIG).exists():
             if ckpt.checkpoints_dir(self.out).is_dir():
                 return None  # checkpoints without their config: refused by the caller
             raise UserError(
@@ -341,7 +342,7 @@ class Trainer:
 
     def _check_same_features(self, files: FeatureFiles) -> None:
         """A resume reads the features the run started on: the data position indexes them."""
-        existing = read_state_json(self.out / ckpt.CONFIG)
+        existing = read_state_json(self.out / RUN_CONFIG)
         before = existing["features"].get("shards_sha256")
         if before is not None and before != _shards_digest(files):
             raise UserError(

@@ -1,0 +1,94 @@
+"""`vlmdata demo`: the whole job on built-in data, small. Every stage runs and records itself,
+the report's every image and link resolves, the README's Python snippets run on the result,
+and a rerun resumes instead of redoing."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+import warnings
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from test_readme import README, python_blocks
+from typer.testing import CliRunner
+
+from vlmdata.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})
+SMALL = ["--images", "40", "--steps", "20", "--quiet"]
+STAGES = ("download", "encode", "labels", "labels/report", "train")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_weights():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*random weights.*")
+        yield
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "vlmdata-demo"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*random weights.*")
+        result = runner.invoke(app, ["demo", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_the_demo_runs_every_stage_and_says_where_each_went(demo):
+    out, output = demo
+    for command in ("vlmdata download", "vlmdata encode", "vlmdata labels classify",
+                    "vlmdata labels report", "vlmdata train", "vlmdata eval", "vlmdata caption",
+                    "vlmdata report"):  # fmt: skip
+        assert f"] {command} " in output, command
+    assert output.rstrip().endswith(f"report: {out / 'report.html'}")
+    for stage in STAGES:
+        record = tomllib.loads((out / stage / "vlmdata.toml").read_text())
+        assert record, stage
+    statuses = json.loads((out / "download" / "stats.json").read_text())["status"]
+    assert statuses["success"] > 40 and statuses["failed_to_download"] > 0  # the dead links too
+    captions = json.loads((out / "captions.json").read_text())["images"]
+    assert len(captions) == 4 and all(c["captions"] and c["error"] is None for c in captions)
+
+
+def test_every_image_and_link_of_the_report_resolves(demo):
+    out, _ = demo
+    page = out / "report.html"
+    html = page.read_text()
+    images = re.findall(r'<img[^>]*\bsrc="([^"]+)"', html)
+    links = re.findall(r'<a[^>]*\bhref="([^"]+)"', html)
+    assert images and links
+    for source in images:
+        assert source.startswith("data:image/") or (page.parent / unquote(source)).is_file()
+    local = [link for link in links if not link.startswith(("http://", "https://", "#"))]
+    assert any("labels/report/index.html" in link for link in local)
+    for link in local:
+        assert (page.parent / unquote(link.split("#")[0])).exists(), link
+
+
+def test_the_readme_snippets_run_on_the_demo_output(demo, tmp_path, monkeypatch):
+    out, _ = demo
+    (tmp_path / "capsfusion-run").symlink_to(out)  # the README's walkthrough directory
+    monkeypatch.chdir(tmp_path)
+    snippets = [b for b in python_blocks(README.read_text()) if "capsfusion-run" in b]
+    assert len(snippets) >= 2
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {})
+
+
+def test_a_rerun_resumes_and_other_directories_are_refused(demo, tmp_path):
+    out, _ = demo
+    again = runner.invoke(app, ["demo", str(out), *SMALL])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("Nothing to do") == 3  # download, encode, labels
+
+    other = runner.invoke(app, ["demo", str(out), "--images", "50", "--quiet"])
+    assert other.exit_code == 2 and "pass --images 40 to resume it" in other.output
+    (tmp_path / "notes.txt").write_text("mine")
+    foreign = runner.invoke(app, ["demo", str(tmp_path), *SMALL])
+    assert foreign.exit_code == 2 and "holds no vlmdata demo" in foreign.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

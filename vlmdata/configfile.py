@@ -1,0 +1,95 @@
+"""TOML option files: ``--config FILE.toml``, the stage tables of ``vlmdata run``, and the
+``vlmdata.toml`` each command leaves in its output directory.
+
+One spelling everywhere: a key is a command's option (or argument) name as its flag has it,
+``batch-size`` (``batch_size`` works too). So the record a run leaves is itself a config file:
+``vlmdata encode --config OUT/vlmdata.toml`` runs the same command again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import os
+import tomllib
+from pathlib import Path
+
+import tomli_w
+import typer
+
+from vlmdata import __version__
+from vlmdata.errors import UserError
+
+RECORD = "vlmdata.toml"  # in every output directory: the options of the run that wrote it
+_NOT_RECORDED = {"config", "quiet"}  # how a run was shown, not what it made
+
+
+def read_toml(path: str, what: str = "--config") -> dict:
+    """A TOML file as a dict; an unreadable or invalid one is one line naming it."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read {what} {path} ({e}); pass a TOML file") from None
+
+
+def option_names(command: typer.core.TyperCommand) -> set[str]:
+    """The names a config file may set for ``command`` (python spelling: ``batch_size``)."""
+    return {p.name for p in command.params if p.name and p.expose_value}
+
+
+def options_from_table(
+    command: typer.core.TyperCommand, table: dict, where: str, wired: dict[str, str] | None = None
+) -> dict:
+    """``table``'s settings for ``command`` by python name, checked: a key the command lacks is
+    one line naming the closest one (``where`` says which file or table); a key in ``wired``
+    (name -> why) is one the caller sets itself."""
+    known = option_names(command)
+    settings = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if wired and name in wired:
+            raise UserError(f"{where}: {key!r} is set by {wired[name]}; remove it")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {_flag_name(close[0])!r}?" if close else ""
+            if isinstance(value, dict):
+                hint = f" (a [{key}] table: put {command.name}'s options at the top level)"
+            raise UserError(f"{where}: {command.name} has no option {key!r}{hint}")
+        settings[name] = value
+    return settings
+
+
+def record_options(folder: Path, ctx: typer.Context) -> None:
+    """Write ``folder/vlmdata.toml``: the resolved options of the command that just wrote
+    ``folder`` (defaults included), the vlmdata version, and how to run it again."""
+    values = {
+        _flag_name(p.name): list(value) if isinstance(value, tuple) else value
+        for p in ctx.command.params  # in the order --help lists them
+        if p.name not in _NOT_RECORDED
+        and (value := ctx.params.get(p.name)) is not None  # TOML has no null: None is a default
+    }
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    command = _command_line(ctx)
+    header = (
+        f"# vlmdata {__version__}: `{command}`, {now}, run in {os.getcwd()}\n"
+        "# The resolved options of the last run that wrote this directory (defaults included).\n"
+        f"# Run it again: {command} --config {folder / RECORD}\n"
+    )
+    from vlmdata.pipeline.shards import atomic_write_bytes
+
+    atomic_write_bytes(folder / RECORD, (header + tomli_w.dumps(values)).encode())
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """``vlmdata labels classify``, however the program was started (``python -m vlmdata``, a
+    test runner) or the context made (``vlmdata run`` names its steps in full)."""
+    words = []
+    while ctx.parent is not None:
+        words.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["vlmdata", *reversed(words)]) if words else str(ctx.info_name)
+
+
+def _flag_name(name: str) -> str:
+    return name.replace("_", "-")
