@@ -51,8 +51,9 @@ def test_the_demo_runs_every_stage_and_says_where_each_went(demo):
         assert record, stage
     statuses = json.loads((out / "download" / "stats.json").read_text())["status"]
     assert statuses["success"] > 40 and statuses["failed_to_download"] > 0  # the dead links too
-    captions = json.loads((out / "captions.json").read_text())["images"]
+    captions = json.loads((out / "train" / "captions.json").read_text())["images"]
     assert len(captions) == 4 and all(c["captions"] and c["error"] is None for c in captions)
+    assert not (out / "corpus" / "urls.parquet").read_bytes().count(b"new/")  # never trained on
 
 
 def test_every_image_and_link_of_the_report_resolves(demo):
@@ -66,6 +67,9 @@ def test_every_image_and_link_of_the_report_resolves(demo):
         assert source.startswith("data:image/") or (page.parent / unquote(source)).is_file()
     local = [link for link in links if not link.startswith(("http://", "https://", "#"))]
     assert any("labels/report/index.html" in link for link in local)
+    assert "train/captions.json" in local
+    new_images = html[html.index("Captions of new images") :]
+    assert new_images.count('<img src="data:image/jpeg') >= 4  # the captioned files, shown
     for link in local:
         assert (page.parent / unquote(link.split("#")[0])).exists(), link
 

@@ -302,7 +302,7 @@ def test_precision_auto_is_the_default_and_recorded_as_what_it_resolved_to(shard
         assert again.exit_code == 0 and "nothing to do" in again.stdout.lower(), again.output
     help_line = next(line for line in runner.invoke(app, ["encode", "--help"]).stdout.splitlines()
                      if "--precision" in line)  # fmt: skip
-    assert "auto (GPU: bf16 autocast where native, else fp16; CPU: fp32)" in help_line
+    assert "auto (GPU: bf16 where native, else fp16; CPU: fp32)" in help_line
     assert "[default: auto]" in help_line
 
 

@@ -160,7 +160,7 @@ def test_a_pipeline_directory_gives_one_page_with_every_section(pipeline):
             assert status_cell(status, count) in section_of(text, stage)
     assert "Cropped" in section_of(text, "preprocess")
     encode = section_of(text, "encode")
-    assert "threshold 0.92" in encode or "placeholder filter was off" in encode
+    assert 'alt="placeholder similarity"' in encode and "--placeholder-threshold 0.92" in encode
     labels = section_of(text, "labels")
     assert 'href="labels/report/index.html"' in labels
     training = section_of(text, "train")
@@ -319,3 +319,16 @@ def test_a_damaged_shard_marker_or_eval_is_a_note_on_the_page(pipeline, tmp_path
 def test_out_must_be_a_file_name(pipeline, tmp_path):
     with pytest.raises(UserError, match="is a directory; pass a file name"):
         write_report(ReportConfig(str(pipeline / "labels"), out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("fine_bins", [[200, 399], [1, 398], [0, 399], [398, 399], [390]])
+def test_the_similarity_histogram_spans_any_range(fine_bins):
+    """Real CLIP puts kept images near 0.3-0.7 and a copy of a stand-in at 1.0: a range whose
+    bar count does not divide evenly must still draw (it raised in reshape)."""
+    import polars as pl
+
+    from vlmdata.report.encode import _histogram
+
+    bins = pl.DataFrame({"status": ["success"] * (len(fine_bins) - 1) + ["placeholder"],
+                         "bin": fine_bins, "count": [3] * len(fine_bins)})  # fmt: skip
+    assert 'alt="placeholder similarity"' in _histogram(bins, 0.92, 3)

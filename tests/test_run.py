@@ -79,12 +79,15 @@ def test_a_pipeline_runs_its_stages_records_them_and_a_rerun_redoes_nothing(tmp_
     for step in ("vlmdata encode", "vlmdata labels classify", "vlmdata train", "vlmdata eval",
                  "vlmdata report"):  # fmt: skip
         assert step in first.output
-    assert "labels report" not in first.output  # a plain image folder has no shards to show
+    assert "vlmdata labels report" not in first.output  # a plain image folder: no shards
     assert f"report: {out / 'report.html'}" in first.output
     assert "Nothing to do" not in first.output
     metrics = (out / "train" / "metrics.jsonl").read_text()
+    recorded = tomllib.loads((out / "pipeline.toml").read_text())
+    assert (recorded["input"], recorded["output"]) == (str(images), str(out))
+    assert recorded["labels"] == {} and recorded["train"]["max-steps"] == 3
 
-    again = runner.invoke(app, ["run", str(pipeline), "--quiet"])
+    again = runner.invoke(app, ["run", str(out / "pipeline.toml"), "--quiet"])
     assert again.exit_code == 0, again.output
     assert again.output.count("Nothing to do") == 2  # encode and labels
     assert (out / "train" / "metrics.jsonl").read_text() == metrics  # not trained again
@@ -164,3 +167,68 @@ def test_a_record_runs_the_same_command_again(tmp_path, images):
     again = runner.invoke(app, ["encode", "--config", str(out / "vlmdata.toml")])
     assert again.exit_code == 0, again.output
     assert "Nothing to do" in again.output
+
+
+def _dry_run(tmp_path: Path, text: str, *flags: str) -> list[str]:
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(text)
+    result = runner.invoke(app, ["run", str(pipeline), "--dry-run", *flags])
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()
+
+
+def test_each_stage_reads_what_the_stage_before_it_wrote(tmp_path):
+    chain = _dry_run(tmp_path, 'input = "u.parquet"\noutput = "o"\n[download]\n[preprocess]\n'
+                               "[encode]\n[labels]\n[train]\nllm = 'x'\n[eval]\n")  # fmt: skip
+    assert chain == [
+        "vlmdata download u.parquet o/download",
+        "vlmdata preprocess o/download o/preprocess",
+        "vlmdata encode o/preprocess o/encode",
+        "vlmdata labels classify o/encode o/labels",
+        "vlmdata labels report o/labels --images o/preprocess",
+        "vlmdata train o/encode --out o/train --resume --llm x",
+        "vlmdata eval o/train o/encode --images o/preprocess",
+        "vlmdata report o",
+    ]
+
+
+def test_a_pipeline_may_start_from_features(tmp_path):
+    """The input of a pipeline that starts after encode is the features; without one, the
+    features an earlier run encoded into OUTPUT/encode. Eval then has no images to show
+    unless its table names them."""
+    given = _dry_run(tmp_path, 'input = "feats"\noutput = "o"\n[labels]\n[train]\nllm = "x"\n'
+                               "[eval]\n")  # fmt: skip
+    assert given[:2] == ["# no labels report: it shows thumbnails from image shards, and this "
+                         "pipeline has none (run download or preprocess in it)",
+                         "# eval without thumbnails: the pipeline does not know the images (set "
+                         'images = "DIR" under [eval])']  # fmt: skip
+    assert given[2:] == ["vlmdata labels classify feats o/labels",
+                         "vlmdata train feats --out o/train --resume --llm x",
+                         "vlmdata eval o/train feats", "vlmdata report o"]  # fmt: skip
+    earlier = _dry_run(tmp_path, 'output = "o"\n[train]\nllm = "x"\n[eval]\nimages = "shards"\n')
+    assert earlier[-3:] == ["vlmdata train o/encode --out o/train --resume --llm x",
+                            "vlmdata eval o/train o/encode --images shards",
+                            "vlmdata report o"]  # fmt: skip
+
+
+def test_an_option_set_twice_is_refused(tmp_path, images):
+    pipeline, _ = _pipeline(tmp_path, images)
+    pipeline.write_text(
+        pipeline.read_text().replace("max-steps = 3", "max-steps = 3\nmax_steps = 4")
+    )
+    line = _one_error_line(runner.invoke(app, ["run", str(pipeline)]))
+    assert "[train]: 'max_steps' is set twice; keep one" in line
+
+
+def test_the_rerun_hint_keeps_the_input_and_output_given(tmp_path, images):
+    pipeline = tmp_path / "p.toml"
+    missing = tmp_path / "none.json"
+    pipeline.write_text("[encode]\nmodel = 'tiny-random-clip'\npretrained = 'none'\n"
+                        f"workers = 0\n[labels]\ntaxonomy = '{missing}'\n")  # fmt: skip
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["run", str(pipeline), "--input", str(images), "--output",
+                                 str(out), "--quiet"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"rerun vlmdata run {pipeline} --input {images} --output {out} to continue" in (
+        result.output
+    )

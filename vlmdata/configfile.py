@@ -21,7 +21,7 @@ from vlmdata import __version__
 from vlmdata.errors import UserError
 
 RECORD = "vlmdata.toml"  # in every output directory: the options of the run that wrote it
-_NOT_RECORDED = {"config", "quiet"}  # how a run was shown, not what it made
+NOT_RECORDED = {"config", "quiet"}  # how a run was shown, not what it made
 
 
 def read_toml(path: str, what: str = "--config") -> dict:
@@ -45,6 +45,7 @@ def options_from_table(
     one line naming the closest one (``where`` says which file or table); a key in ``wired``
     (name -> why) is one the caller sets itself."""
     known = option_names(command)
+    normalised_table(table, where)  # refuses an option set twice
     settings = {}
     for key, value in table.items():
         name = key.replace("-", "_")
@@ -60,25 +61,46 @@ def options_from_table(
     return settings
 
 
+def normalised_table(table: dict, where: str) -> dict:
+    """``table`` with its keys in python spelling (``batch-size`` -> ``batch_size``); an option
+    set twice (both spellings) is refused."""
+    settings = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name in settings:
+            raise UserError(f"{where}: {key!r} is set twice; keep one")
+        settings[name] = value
+    return settings
+
+
 def record_options(folder: Path, ctx: typer.Context) -> None:
     """Write ``folder/vlmdata.toml``: the resolved options of the command that just wrote
     ``folder`` (defaults included), the vlmdata version, and how to run it again."""
     values = {
         _flag_name(p.name): list(value) if isinstance(value, tuple) else value
         for p in ctx.command.params  # in the order --help lists them
-        if p.name not in _NOT_RECORDED
+        if p.name not in NOT_RECORDED
         and (value := ctx.params.get(p.name)) is not None  # TOML has no null: None is a default
     }
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     command = _command_line(ctx)
-    header = (
-        f"# vlmdata {__version__}: `{command}`, {now}, run in {os.getcwd()}\n"
-        "# The resolved options of the last run that wrote this directory (defaults included).\n"
-        f"# Run it again: {command} --config {folder / RECORD}\n"
-    )
+    write_record(folder / RECORD, command, f"{command} --config {folder / RECORD}", values,
+                 "The resolved options of the last run that wrote this directory (defaults "
+                 "included).")  # fmt: skip
+
+
+def write_record(path: Path, command: str, again: str, values: dict, what: str) -> None:
+    """``values`` as a TOML file under a header naming the vlmdata version, the ``command``
+    that ran, when and where, ``what`` the file holds and the command line that runs it
+    ``again``."""
     from vlmdata.pipeline.shards import atomic_write_bytes
 
-    atomic_write_bytes(folder / RECORD, (header + tomli_w.dumps(values)).encode())
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    header = (
+        f"# vlmdata {__version__}: `{command}`, {now}, run in {os.getcwd()}\n"
+        f"# {what}\n"
+        f"# Run it again: {again}\n"
+    )
+    atomic_write_bytes(path, (header + tomli_w.dumps(values)).encode())
 
 
 def _command_line(ctx: typer.Context) -> str:

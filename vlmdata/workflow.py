@@ -17,24 +17,39 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
 import typer
 
-from vlmdata.configfile import option_names, options_from_table, read_toml
+from vlmdata.configfile import (
+    NOT_RECORDED,
+    option_names,
+    options_from_table,
+    read_toml,
+    write_record,
+)
 from vlmdata.errors import UserError
 
 # The stages in the order they run; a pipeline runs those it has a table for.
 STAGES = ("download", "preprocess", "encode", "labels", "train", "eval")
 IMAGE_STAGES = ("download", "preprocess")  # what the later stages read images from
+PIPELINE_RECORD = "pipeline.toml"  # OUT/pipeline.toml: the pipeline last run into OUT
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    pipeline: str | None  # the PIPELINE.toml file; None with input and output given
+    pipeline: str  # the PIPELINE.toml file
     input: str | None = None  # overrides the file's
     output: str | None = None  # overrides the file's
     dry_run: bool = False  # print the commands, run none
     quiet: bool = False
     overrides: dict[str, dict] = field(default_factory=dict)  # table -> options over the file's
+
+    def again(self) -> str:
+        """The command line that continues this run."""
+        words = ["vlmdata", "run", self.pipeline]
+        words += ["--input", self.input] if self.input else []
+        words += ["--output", self.output] if self.output else []
+        return shlex.join(words)
 
 
 @dataclass
@@ -49,16 +64,19 @@ class Step:
 @dataclass
 class RunSummary:
     output: Path
+    again: str  # the command that continues the run
     done: list[tuple[str, int, float]] = field(default_factory=list)  # (step, exit code, s)
     stopped: str | None = None  # the step that failed, if one did
     exit_code: int = 0
-    again: str = "the same vlmdata run"  # the command that continues it
 
     def format(self) -> str:
         lines = [f"\npipeline {self.output}:"]
         lines += [f"  {name:<15} {'ok' if code == 0 else f'exit {code}':<8} {seconds:7.1f} s"
                   for name, code, seconds in self.done]  # fmt: skip
-        if self.stopped:
+        if self.exit_code == 130:
+            lines.append(f"interrupted at {self.stopped}: rerun {self.again} to continue "
+                         "(finished stages are not redone)")  # fmt: skip
+        elif self.stopped:
             lines.append(f"stopped at {self.stopped}: fix what it said, then rerun {self.again} "
                          "to continue (finished stages are not redone)")  # fmt: skip
         elif (self.output / "report.html").exists():
@@ -66,13 +84,19 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def plan_pipeline(config: RunConfig, app: typer.core.TyperGroup) -> tuple[list[Step], Path]:
-    """The steps of ``config``'s pipeline with their options parsed and checked, and the
-    output root. Every mistake in the file is found here, before any stage runs."""
-    pipeline = read_toml(config.pipeline, "the pipeline file") if config.pipeline else {}
-    for table, options in config.overrides.items():
-        pipeline[table] = {**pipeline.get(table, {}), **options}
-    where = config.pipeline or "the pipeline"
+@dataclass
+class Pipeline:
+    steps: list[Step]
+    out: Path  # the output root
+    resolved: dict  # the file with --input, --output and the overrides applied
+    notes: list[str]  # what the pipeline leaves out, and why
+
+
+def plan_pipeline(config: RunConfig, app: typer.core.TyperGroup) -> Pipeline:
+    """The steps of ``config``'s pipeline with their options parsed and checked. Every mistake
+    in the file is found here, before any stage runs."""
+    where = config.pipeline
+    pipeline = read_toml(config.pipeline, "the pipeline file")
     for key, value in pipeline.items():
         if key in ("input", "output"):
             if not isinstance(value, str) or not value.strip():
@@ -83,6 +107,10 @@ def plan_pipeline(config: RunConfig, app: typer.core.TyperGroup) -> tuple[list[S
             raise UserError(f"{where}: unknown key {key!r}{hint}")
         elif not isinstance(value, dict):
             raise UserError(f"{where}: {key} must be a table ([{key}]) of its options")
+    for table, options in config.overrides.items():  # replacing the file's, either spelling
+        kept = {k: v for k, v in pipeline.get(table, {}).items()
+                if k.replace("-", "_") not in options}  # fmt: skip
+        pipeline[table] = {**kept, **options}
     source = config.input or pipeline.get("input")
     root = config.output or pipeline.get("output")
     if not root:
@@ -91,27 +119,41 @@ def plan_pipeline(config: RunConfig, app: typer.core.TyperGroup) -> tuple[list[S
     if not stages:
         raise UserError(f"{where} names no stage; add tables such as [download] and [encode] "
                         "(vlmdata run --print-config shows them all)")  # fmt: skip
-    if not source and stages[0] not in ("labels", "train", "eval"):
+    if not source and stages[0] in (*IMAGE_STAGES, "encode"):
         raise UserError(f'{where} has no input; add input = "PATH" or pass --input PATH')
     out = Path(root)
-    images = _image_dir(stages, source, out)
+    wiring = Wiring.of(stages, source, out)
     steps = []
-    for name, arguments, wired, table in _commands(stages, pipeline, source, out, images):
+    for name, arguments, wired, table in _commands(stages, pipeline, wiring):
         command = _command(app, name)
         options = options_from_table(command, table, f"{where} [{_table_of(name)}]", wired)
         if config.quiet and "quiet" in option_names(command):
             options["quiet"] = True
         steps.append(_step(command, name, arguments, options))
-    return steps, out
+    resolved = {"input": source, "output": root, **{name: pipeline[name] for name in stages}}
+    resolved = {key: value for key, value in resolved.items() if value is not None}
+    return Pipeline(steps, out, resolved, wiring.notes(stages, pipeline))
+
+
+def record_pipeline(pipeline: Pipeline) -> None:
+    """``OUT/pipeline.toml``: the pipeline as it runs, itself a pipeline file."""
+    pipeline.out.mkdir(parents=True, exist_ok=True)
+    path = pipeline.out / PIPELINE_RECORD
+    what = "The pipeline last run into this directory, with its --input and --output."
+    again = f"vlmdata run {shlex.quote(str(path))}"
+    write_record(path, "vlmdata run", again, pipeline.resolved, what)
 
 
 def run_pipeline(config: RunConfig, app: typer.core.TyperGroup) -> RunSummary | str:
     """Run the pipeline's steps in order, stopping at the first that fails."""
-    steps, out = plan_pipeline(config, app)
+    pipeline = plan_pipeline(config, app)
     if config.dry_run:
-        return "\n".join(step.shown for step in steps)
-    again = f"vlmdata run {shlex.quote(config.pipeline)}" if config.pipeline else "vlmdata run"
-    return run_steps(steps, RunSummary(out, again=again))
+        return "\n".join([*(f"# {note}" for note in pipeline.notes),
+                          *(step.shown for step in pipeline.steps)])  # fmt: skip
+    for note in pipeline.notes:
+        typer.echo(f"note: {note}")
+    record_pipeline(pipeline)
+    return run_steps(pipeline.steps, RunSummary(pipeline.out, again=config.again()))
 
 
 def run_steps(steps: list[Step], summary: RunSummary) -> RunSummary:
@@ -137,61 +179,91 @@ def _invoke(ctx: typer.Context) -> int:
     return 0
 
 
-def _image_dir(stages: list[str], source: str | None, out: Path) -> str | None:
-    """Where the stages after download/preprocess read images: the last of those, or the
-    input itself (a folder of images or image shards) when the pipeline has neither."""
-    made = [name for name in stages if name in IMAGE_STAGES]
-    return str(out / made[-1]) if made else source
+@dataclass(frozen=True)
+class Wiring:
+    """Where the stages of a pipeline read: the image stages read the input, each the one
+    before; encode reads the last image stage's output (or the input: a folder of images or
+    image shards); labels, train and eval read encode's output, or the input when the
+    pipeline starts after encode (the input is then features)."""
 
+    source: str | None
+    out: Path
+    images: str | None  # image shards or folder, where known
+    features: str
 
-def _has_shards(stages: list[str], images: str | None) -> bool:
-    """Whether the images are shards (made by the pipeline, or given), not a plain folder."""
-    return any(name in IMAGE_STAGES for name in stages) or (
-        images is not None and any(Path(images).glob("*.tar"))
-    )
+    @staticmethod
+    def of(stages: list[str], source: str | None, out: Path) -> Wiring:
+        made = [name for name in stages if name in IMAGE_STAGES]
+        images = source if "encode" in stages else None  # encode reads the input: images
+        if made:
+            images = str(out / made[-1])
+        starts_after_encode = not made and "encode" not in stages and source
+        features = source if starts_after_encode else str(out / "encode")
+        return Wiring(source, out, images, features)
+
+    def image_shards(self) -> bool:
+        """Whether the images are shards (what labels report shows thumbnails from)."""
+        return self.images is not None and (
+            self.images.startswith(str(self.out)) or any(Path(self.images).glob("*.tar"))
+        )
+
+    def notes(self, stages: list[str], pipeline: dict) -> list[str]:
+        notes = []
+        if "labels" in stages and not self.image_shards():
+            notes.append("no labels report: it shows thumbnails from image shards, and this "
+                         "pipeline has none (run download or preprocess in it)")  # fmt: skip
+        if "eval" in stages and self.images is None and "images" not in pipeline["eval"]:
+            notes.append("eval without thumbnails: the pipeline does not know the images "
+                         "(set images = \"DIR\" under [eval])")  # fmt: skip
+        return notes
 
 
 Command = tuple[str, list[str], dict[str, str], dict]  # name, arguments, wired options, table
+_BY_RUN = "vlmdata run"  # who sets a wired option
 
 
-def _commands(
-    stages: list[str], pipeline: dict, source: str | None, out: Path, images: str | None
-) -> list[Command]:
+def _commands(stages: list[str], pipeline: dict, wiring: Wiring) -> list[Command]:
     """Each stage's command with its wired arguments (what the pipeline decides, which its
     table may not set) and its table; labels adds its report, and the run ends in one."""
-    wiring = "vlmdata run"
-    commands = []
-    previous_images = source
+    out, commands = wiring.out, []
+    previous = wiring.source
     for name in stages:
         table = dict(pipeline[name])
         here = str(out / name)
         if name in IMAGE_STAGES:
-            arguments = [str(previous_images), here]
-            wired = {"input": wiring, "input_dir": wiring, "output_dir": wiring}
-            previous_images = here
+            wired = _wired("input", "input_dir", "output_dir")  # download's INPUT, the others'
+            commands.append((name, [str(previous), here], wired, table))
+            previous = here
         elif name == "encode":
-            arguments, wired = [str(images), here], {"input_dir": wiring, "output_dir": wiring}
+            arguments = [str(wiring.images), here]
+            commands.append((name, arguments, _wired("input_dir", "output_dir"), table))
         elif name == "labels":
             report = table.pop("report", {})
             if not isinstance(report, dict):
                 raise UserError("[labels] report must be a table ([labels.report]) of options")
-            commands.append(("labels classify", [str(out / "encode"), here],
-                             {"features_dir": wiring, "output_dir": wiring}, table))  # fmt: skip
-            if _has_shards(stages, images):  # its thumbnails come from image shards
-                arguments = [here, "--images", str(images)]
-                wired = {"labels_dir": wiring, "images": wiring, "out": wiring}
+            commands.append(("labels classify", [wiring.features, here],
+                             _wired("features_dir", "output_dir"), table))  # fmt: skip
+            if wiring.image_shards():
+                arguments = [here, "--images", str(wiring.images)]
+                wired = _wired("labels_dir", "images", "out")
                 commands.append(("labels report", arguments, wired, report))
-            continue
         elif name == "train":
             # --resume: a rerun continues the run (a new or empty directory starts one).
-            arguments = [str(out / "encode"), "--out", here, "--resume"]
-            wired = {"features": wiring, "out": wiring, "resume": wiring}
+            arguments = [wiring.features, "--out", here, "--resume"]
+            commands.append((name, arguments, _wired("features", "out", "resume"), table))
         else:  # eval
-            arguments = [str(out / "train"), str(out / "encode"), "--images", str(images)]
-            wired = {"run_dir": wiring, "features_dir": wiring, "images": wiring}
-        commands.append((name, arguments, wired, table))
-    commands.append(("report", [str(out)], {"path": wiring}, {}))
+            arguments = [str(out / "train"), wiring.features]
+            wired = _wired("run_dir", "features_dir")
+            if wiring.images is not None:
+                arguments += ["--images", wiring.images]
+                wired = _wired("run_dir", "features_dir", "images")
+            commands.append((name, arguments, wired, table))
+    commands.append(("report", [str(out)], _wired("path"), {}))
     return commands
+
+
+def _wired(*names: str) -> dict[str, str]:
+    return dict.fromkeys(names, _BY_RUN)
 
 
 def _command(app: typer.core.TyperGroup, name: str) -> typer.core.TyperCommand:
@@ -214,13 +286,12 @@ def command_step(
 
 def _step(command: typer.core.TyperCommand, name: str, arguments: list[str], options: dict) -> Step:
     """The command's context, parsed now so a wrong value fails before any stage runs."""
+    from vlmdata.cli.failures import UsageError, usage_error_line
+
     try:
         ctx = command.make_context(f"vlmdata {name}", list(arguments), default_map=options)
-    except Exception as e:  # click's usage errors (typer vendors click: matched by shape)
-        if not hasattr(e, "format_message"):
-            raise
-        message = e.format_message().strip().removesuffix(".")
-        raise UserError(f"[{_table_of(name)}] {message[:1].lower()}{message[1:]}") from None
+    except UsageError as e:
+        raise UserError(f"[{_table_of(name)}] {usage_error_line(e)}") from None
     return Step(name, ctx, _shown(command, name, arguments, options))
 
 
@@ -249,44 +320,38 @@ TEMPLATE_HEAD = """\
 input = "urls.parquet"  # the URL list (or, without [download], images or image shards)
 output = "pipeline"     # the root of every stage's output
 """
+_EXAMPLES = {"llm": '"Qwen/Qwen2.5-0.5B"'}  # required options, uncommented in the template
 
 
 def pipeline_template(app: typer.core.TyperGroup) -> str:
     """A commented pipeline file listing every stage's options with their defaults."""
+    wiring = Wiring.of(list(STAGES), "input", Path("out"))
+    every = _commands(list(STAGES), {name: {} for name in STAGES}, wiring)
     parts = [TEMPLATE_HEAD]
-    shown = {"download": ["download"], "preprocess": ["preprocess"], "encode": ["encode"],
-             "labels": ["labels classify", "labels report"], "train": ["train"],
-             "eval": ["eval"]}  # fmt: skip
-    required = {"llm": '"Qwen/Qwen2.5-0.5B"'}
-    for table, names in shown.items():
-        for name in names:
-            command = _command(app, name)
-            header = f"[{_table_of(name)}]"
-            if table == "preprocess":
-                header = "# [preprocess]  # optional: download --resize squares images already"
-            parts.append(f"\n{header}\n")
-            for param in command.params:
-                if param.name in _WIRED or param.name in ("config", "quiet"):
-                    continue
-                key = param.name.replace("_", "-")
-                if param.name in required:
-                    parts.append(f"{key} = {required[param.name]}\n")
-                    continue
-                default = param.default if not callable(param.default) else None
-                value = _toml_value(default)
-                helptext = " ".join((getattr(param, "help", None) or "").split())
-                parts.append(f"# {key} = {value}  # {helptext}\n")
+    for name, _, wired, _ in every[:-1]:  # the closing report takes no options
+        header = f"[{_table_of(name)}]"
+        if name == "preprocess":
+            header = "# [preprocess]  # optional: download --resize squares images already"
+        parts.append(f"\n{header}\n")
+        for param in _command(app, name).params:
+            if param.name in wired or param.name in NOT_RECORDED:
+                continue
+            key = param.name.replace("_", "-")
+            if param.name in _EXAMPLES:
+                parts.append(f"{key} = {_EXAMPLES[param.name]}\n")
+                continue
+            helptext = " ".join((getattr(param, "help", None) or "").split())
+            if isinstance(param.show_default, str):  # a default that depends on the machine
+                helptext += f" [default: {param.show_default.strip('()')}]"
+            parts.append(f"# {key} = {_toml_value(param)}  # {helptext}\n")
     return "".join(parts)
 
 
-# Set by `vlmdata run` itself, never in a table.
-_WIRED = {"input", "input_dir", "output_dir", "features_dir", "labels_dir", "images", "features",
-          "out", "resume", "run_dir", "path"}  # fmt: skip
-
-
-def _toml_value(value: object) -> str:
-    import tomli_w
-
-    if value is None:
-        return "(unset)"
-    return tomli_w.dumps({"v": list(value) if isinstance(value, tuple) else value})[4:].strip()
+def _toml_value(param: object) -> str:
+    """The parameter's default as TOML (an empty value of its type when it has none)."""
+    default = param.default
+    if default is None or callable(default):
+        default = [] if param.multiple else ""
+    elif isinstance(default, tuple):
+        default = list(default)
+    return tomli_w.dumps({"v": default})[4:].strip()

@@ -10,6 +10,8 @@ captioned, and one ``report.html`` links it all. A rerun resumes like ``vlmdata 
 
 from __future__ import annotations
 
+import shlex
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,49 +39,64 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig, app: typer.core.TyperGroup) -> RunSummary:
     """Generate and serve the corpus, run the demo pipeline and caption unseen images."""
-    from vlmdata.demo.corpus import build_corpus, write_url_list
+    from vlmdata.demo.corpus import MIN_IMAGES, build_corpus, write_url_list
     from vlmdata.demo.server import DemoServer
-    from vlmdata.pipeline.shards import atomic_write_json
+    from vlmdata.pipeline.shards import atomic_write_bytes, atomic_write_json
     from vlmdata.workflow import RunConfig, RunSummary, command_step, plan_pipeline, run_steps
 
+    if config.images < MIN_IMAGES:
+        raise UserError(f"--images {config.images} is too few for the demo; pass --images "
+                        f"{MIN_IMAGES} or more")  # fmt: skip
     out = Path(config.out)
     corpus = out / "corpus"
     record = _check_demo_dir(out, config.images)
     entries = build_corpus(config.images + UNSEEN)
     unseen = [entry for entry in entries if entry.kind == "image"][-UNSEEN:]
     listed = [entry for entry in entries if entry.name not in {e.name for e in unseen}]
-    with DemoServer(entries, port=record.get("port", 0)) as server:
-        urls = corpus / "urls.parquet"
+    urls, new = corpus / "urls.parquet", corpus / "new"
+    with DemoServer(listed, port=record.get("port", 0)) as server:
         if not record:  # a rerun keeps its URL list: download resumes from it
-            corpus.mkdir(parents=True, exist_ok=True)
+            new.mkdir(parents=True, exist_ok=True)
+            for entry in unseen:
+                atomic_write_bytes(new / entry.name, entry.body)
             write_url_list(listed, server.base_url, urls)
             atomic_write_json(corpus / RECORD, {"images": config.images, "port": server.port,
                                                 "vlmdata_version": __version__})  # fmt: skip
-        overrides = {"train": {"max_steps": config.steps}} if config.steps else {}
-        steps, _ = plan_pipeline(
-            RunConfig(str(PIPELINE), input=str(urls), output=str(out), quiet=config.quiet,
-                      overrides=overrides),
-            app,
-        )  # fmt: skip
-        caption = command_step(
-            app, "caption", [str(out / "train"), *(f"{server.base_url}/{e.name}" for e in unseen)],
-            {"allow_private_network": True, "json_out": str(out / "captions.json"),
-             "max_new_tokens": 80},
-        )  # fmt: skip
-        steps.insert(len(steps) - 1, caption)  # before the report, which shows its captions
+        overrides = {"train": {"max_steps": config.steps}} if config.steps is not None else {}
+        run = RunConfig(str(PIPELINE), input=str(urls), output=str(out), quiet=config.quiet,
+                        overrides=overrides)  # fmt: skip
+        steps = plan_pipeline(run, app).steps
+        # Images the run never saw, captioned onto the run's page of the report (the last step).
+        images = [str((new / entry.name).resolve()) for entry in unseen]
+        json_out = str(out / "train" / "captions.json")
+        options = {"json_out": json_out, "max_new_tokens": 80}
+        steps.insert(len(steps) - 1, command_step(app, "caption", [str(out / "train"), *images],
+                                                  options))  # fmt: skip
         typer.echo(f"demo: {len(listed)} URLs served on {server.base_url} -> {urls}")
-        return run_steps(steps, RunSummary(out, again=f"vlmdata demo {out}"))
+        typer.echo(
+            "demo: the models are tiny-random-clip and tiny-random-llama, random weights "
+            "trained here from scratch: expect captions of colours and shapes"
+        )
+        with warnings.catch_warnings():  # said once above, not by every stage
+            warnings.filterwarnings("ignore", message=".*has random weights.*")
+            return run_steps(steps, RunSummary(out, again=f"vlmdata demo {shlex.quote(str(out))}"
+                                               f" --images {config.images}"))  # fmt: skip
 
 
 def _check_demo_dir(out: Path, images: int) -> dict:
-    """The record of an earlier demo in ``out`` ({} for a new or empty directory); anything
-    else there, or a demo of another size, is refused."""
+    """The record of an earlier demo in ``out`` ({} for a new or empty directory, or one
+    holding only the corpus of a demo killed before its record); anything else there, or a
+    demo of another size, is refused."""
     from vlmdata.pipeline.shards import read_state_json
 
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return {}
-    record = read_state_json(out / "corpus" / RECORD, missing_ok=True) if out.is_dir() else None
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; pass a directory for the demo")
+    record = read_state_json(out / "corpus" / RECORD, missing_ok=True)
     if not record:
+        if [p.name for p in out.iterdir()] == ["corpus"]:  # killed while writing its corpus
+            return {}
         raise UserError(f"{out} is not empty and holds no vlmdata demo; pass a new directory")
     if record.get("images") != images:
         size = record.get("images")

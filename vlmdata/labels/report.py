@@ -29,6 +29,7 @@ from pathlib import Path
 import polars as pl
 
 from vlmdata.errors import UserError, require_at_least
+from vlmdata.labels import PLACEHOLDER_CATEGORY
 from vlmdata.labels.summary import (
     ALL,
     LabelsRun,
@@ -67,7 +68,7 @@ class ReportConfig:
     examples: int = 12  # thumbnails per category
     least_confident: int = 24
     placeholders: int = 48  # thumbnails of the placeholder category, at most
-    placeholder_category: str = "image not available"
+    placeholder_category: str = PLACEHOLDER_CATEGORY
     allow_incomplete: bool = False  # report the finished shards of an unfinished labels run
     quiet: bool = False
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmdata.errors import UserError, one_line
+from vlmdata.labels import PLACEHOLDER_CATEGORY
 from vlmdata.pipeline.runner import ROOT_STATS
 from vlmdata.pipeline.shards import (
     PLAN,
@@ -115,7 +116,7 @@ class SummaryOptions:
     examples: int = 12  # sampled rows per category
     least_confident: int = 24
     placeholders: int = 48
-    placeholder_category: str = "image not available"
+    placeholder_category: str = PLACEHOLDER_CATEGORY
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def section(output: StageOutput, quiet: bool) -> Section:
 def _queries(frame: pl.LazyFrame, threshold: float | None) -> list[pl.LazyFrame]:
     """Statuses; similarities by (fine bin, status); the filtered images nearest the
     threshold, and the kept ones just below it."""
-    scored = frame.filter(pl.col(_SIMILARITY).is_not_null())
+    scored = frame.filter(pl.col(_SIMILARITY).is_not_null() & pl.col(_SIMILARITY).is_not_nan())
     fine = ((pl.col(_SIMILARITY) + 1) / 2 * FINE_BINS).floor().clip(0, FINE_BINS - 1)
     below = pl.col(_SIMILARITY) < (threshold if threshold is not None else np.inf)
     return [
@@ -93,13 +93,13 @@ def _histogram(bins: pl.DataFrame, threshold: float, dropped: int) -> str:
     low = max(0, min(int(present.min()), edge) - 2)
     high = min(FINE_BINS, max(int(present.max()) + 1, edge + 1) + 2)
     merge = max(1, -(-(high - low) // MAX_BARS))
-    high = min(FINE_BINS, low + -(-(high - low) // merge) * merge)
+    starts = np.arange(low, high, merge)  # the last bar may hold fewer fine bins
     series = {}
     for status, name in ((SUCCESS, "kept"), (PLACEHOLDER, "filtered as placeholders")):
         rows = bins.filter(pl.col("status") == status)
         fine = np.bincount(rows["bin"].to_numpy(), rows["count"].to_numpy(), FINE_BINS)
-        series[f"{name} ({int(fine.sum()):,})"] = fine[low:high].reshape(-1, merge).sum(axis=1)
-    edges = np.arange(low, high + 1, merge) / FINE_BINS * 2 - 1
+        series[f"{name} ({int(fine.sum()):,})"] = np.add.reduceat(fine[low:high], starts - low)
+    edges = np.append(starts, high) / FINE_BINS * 2 - 1
     made = charts.figure(10, 3.1)
     axes = made.add_subplot()
     charts.style(axes, "y")

@@ -7,6 +7,7 @@ import html
 import shlex
 from pathlib import Path
 
+from vlmdata.labels import PLACEHOLDER_CATEGORY
 from vlmdata.pipeline.shards import PLAN, read_state_json
 from vlmdata.report import charts
 from vlmdata.report.outputs import StageOutput, find_upstream
@@ -14,7 +15,6 @@ from vlmdata.report.page import Section, chart, link, note, plural, share
 
 TOP_CATEGORIES = 15
 LABELS_REPORT = Path("report") / "index.html"  # where `vlmdata labels report` puts its page
-_PLACEHOLDER_CATEGORY = "image not available"  # the default taxonomy's
 
 
 def section(output: StageOutput, page_dir: Path) -> Section:
@@ -27,7 +27,7 @@ def section(output: StageOutput, page_dir: Path) -> Section:
         top = categories[:TOP_CATEGORIES]
         names = [name for name, _ in top]
         palette = charts.PALETTE
-        colours = [charts.GREY if name == _PLACEHOLDER_CATEGORY else palette[i % len(palette)]
+        colours = [charts.GREY if name == PLACEHOLDER_CATEGORY else palette[i % len(palette)]
                    for i, name in enumerate(names)]  # fmt: skip
         parts.append(chart(charts.bar_chart(
             charts.cut_all(names), [n for _, n in top], [share(n, rows) for _, n in top], colours,

@@ -4,6 +4,7 @@ over steps (``metrics.jsonl``), and the scores of `vlmdata eval` (``eval/*/eval.
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
@@ -11,7 +12,8 @@ from matplotlib.ticker import MaxNLocator
 from vlmdata.errors import UserError
 from vlmdata.pipeline.shards import read_state_json
 from vlmdata.report import charts
-from vlmdata.report.page import Section, chart, link, note, numbers_table, warn
+from vlmdata.report.page import Section, chart, link, note, numbers_table, tiles, warn
+from vlmdata.report.thumbnails import Picture, file_pictures
 from vlmdata.train.caption_metrics import METRIC_NAMES, METRICS
 from vlmdata.train.checkpoints import read_run_config
 from vlmdata.train.evaluate import PAGE, RESULTS
@@ -19,6 +21,9 @@ from vlmdata.train.metrics_log import METRICS as METRICS_LOG
 from vlmdata.train.metrics_log import draw_loss, finite_number, read_metrics
 
 EXAMPLE_CAPTIONS = 4  # of the latest eval
+# `vlmdata caption RUN ... --json RUN/captions.json`: its captions are shown on the run's page.
+NEW_CAPTIONS = "captions.json"
+MAX_NEW_IMAGES = 24
 
 
 def section(path: Path, page_dir: Path) -> Section:
@@ -35,7 +40,7 @@ def section(path: Path, page_dir: Path) -> Section:
         "<code>vlmdata train</code> command with --resume to go on."
     )]  # fmt: skip
     parts += [_facts(config, steps), "<h3>Loss</h3>", _curves(records)]
-    parts += ["<h3>Evaluation</h3>", eval_html]
+    parts += ["<h3>Evaluation</h3>", eval_html, _new_images(path, page_dir)]
     last = next((r for r in reversed(records) if finite_number(r.get("loss"))), None)
     val = next((r for r in reversed(records) if finite_number(r.get("val_loss"))), None)
     more = [steps]
@@ -121,6 +126,33 @@ def _evals(run: Path, page_dir: Path) -> tuple[list[dict], str]:
                       "greedy captions of held-out images."))  # fmt: skip
     parts.append(_examples(records[-1]))
     return records, "".join(parts)
+
+
+def _new_images(run: Path, page_dir: Path) -> str:
+    """The captions ``vlmdata caption RUN ... --json RUN/captions.json`` wrote, with
+    thumbnails of the images that are local files."""
+    path = run / NEW_CAPTIONS
+    if not path.is_file():
+        return ""
+    try:
+        images = json.loads(path.read_text(encoding="utf-8"))["images"]
+        shown = [i for i in images if isinstance(i, dict)][:MAX_NEW_IMAGES]
+    except (OSError, ValueError, KeyError, TypeError):
+        return note(f"{html.escape(str(path))} is damaged: its captions are not shown.")
+    sources = [str(i.get("image", "")) for i in shown]
+    # Keys as an image folder's (the file's position, 9 digits): what file_pictures reads by.
+    files = {("new", f"{n:09d}"): str(Path(source).resolve()) for n, source in enumerate(sources)
+             if not source.startswith(("http://", "https://"))}  # fmt: skip
+    pictures = file_pictures(files, quiet=True) if files else {}
+    items = []
+    for n, (image, source) in enumerate(zip(shown, sources, strict=True)):
+        picture = pictures.get(("new", f"{n:09d}"), Picture(None, "a URL: not kept"))
+        captions = image.get("captions") or [""]
+        said = f"error: {image['error']}" if image.get("error") else str(captions[0])
+        items.append((picture.uri, picture.problem or source, said, source))
+    return ("<h3>Captions of new images</h3>" + tiles(items)
+            + note(f"Written by <code>vlmdata caption --json</code> to "
+                   f"{link(path, page_dir, NEW_CAPTIONS)}."))  # fmt: skip
 
 
 def _examples(record: dict) -> str:
