@@ -122,3 +122,18 @@ def test_an_internal_error_is_logged_in_the_temp_dir_when_the_log_folder_is_take
     log = Path(re.search(r"the traceback is in (\S+);", lines[0]).group(1))
     assert log.parent == tmp_path and log.name.startswith("vlmdata-") and log.suffix == ".log"
     assert "RuntimeError: boom" in log.read_text()
+
+
+def test_a_closed_output_is_one_line_not_an_internal_error():
+    """`vlmdata ... | head` ended in "internal error (BrokenPipeError ...)"."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "vlmdata", "labels", "taxonomy"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        process.stdout.close()  # the reader is gone before a byte is written
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 141
+    assert stderr.splitlines() == [
+        "stopped: the output was closed; rerun the same command to resume"
+    ], stderr

@@ -86,3 +86,21 @@ def test_a_value_of_the_wrong_type_is_refused(tmp_path):
     config.write_text('batch-size = "many"\n')
     result = runner.invoke(app, ["train", "x", "--llm", "l", "--out", "o", "--config", str(config)])
     assert result.exit_code == 2 and "batch-size" in result.output
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [('output-dir = ["x", "y"]', "output-dir is a list; give it one value"),
+     ("output-dir = {a = 1}", "output-dir is a table; give it a value"),
+     ("output-dir = 2024-01-01T00:00:00Z", "output-dir is a date or time"),
+     ("device = true", "device is true/false; give it a value"),
+     ("quiet = 'yes'", "quiet is a flag: give true or false"),
+     ('reference = "one.png"', "reference is not a list of values")],
+)  # fmt: skip
+def test_a_value_of_the_wrong_shape_is_one_line(tmp_path, setting, message):
+    """click would take a list or table as its text: a directory named "['x', 'y']"."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'input-dir = "{tmp_path}"\n{setting}\n')
+    line = _one_error_line(runner.invoke(app, ["encode", "--config", str(config)]))
+    assert message in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]

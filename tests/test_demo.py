@@ -90,9 +90,36 @@ def test_a_rerun_resumes_and_other_directories_are_refused(demo, tmp_path):
     assert again.exit_code == 0, again.output
     assert again.output.count("Nothing to do") == 3  # download, encode, labels
 
-    other = runner.invoke(app, ["demo", str(out), "--images", "50", "--quiet"])
-    assert other.exit_code == 2 and "pass --images 40 to resume it" in other.output
+    for changed in (["--images", "50", "--steps", "20"], ["--images", "40"]):
+        other = runner.invoke(app, ["demo", str(out), *changed, "--quiet"])
+        assert other.exit_code == 2, other.output
+        assert f"continue it with vlmdata demo {out} --images 40 --steps 20," in other.output
     (tmp_path / "notes.txt").write_text("mine")
     foreign = runner.invoke(app, ["demo", str(tmp_path), *SMALL])
     assert foreign.exit_code == 2 and "holds no vlmdata demo" in foreign.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--images", "5"], "--images 5 is out of the demo's range; pass 40 to 10,000"),
+     (["--images", "10000000"], "--images 10000000 is out of the demo's range"),
+     (["--steps", "0"], "--steps 0 is out of the demo's range; pass 1 to 100,000")],
+)  # fmt: skip
+def test_demo_sizes_out_of_range_are_one_line_before_anything_runs(tmp_path, flags, message):
+    result = runner.invoke(app, ["demo", str(tmp_path / "d"), *flags])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_second_demo_in_the_same_directory_stops_in_one_line(tmp_path):
+    """Two demos at once would each write a corpus and serve it: the second one stops before
+    touching anything."""
+    from vlmdata.pipeline.shards import exclusive_output
+
+    out = tmp_path / "d"
+    with exclusive_output(out):  # as a running demo holds it
+        result = runner.invoke(app, ["demo", str(out), *SMALL])
+    assert result.exit_code == 2, result.output
+    assert "another vlmdata run is writing" in result.output
+    assert [p.name for p in out.iterdir()] == [".lock"]

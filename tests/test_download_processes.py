@@ -152,3 +152,17 @@ def test_resize_workers_fit_the_cpus_the_run_may_use(server, mixed, tmp_path):
         time.sleep(0.01)
     assert process.returncode == 0, process.stderr.read().decode()
     assert most == 1
+
+
+def test_resize_workers_leave_ctrl_c_to_the_parent():
+    """A Ctrl-C (to the whole process group) printed a KeyboardInterrupt traceback per resize
+    worker before the run's own one-line message."""
+    import subprocess
+    import sys
+
+    code = (
+        "import signal; from vlmdata.pipeline.distributor import single_threaded_worker; "
+        "single_threaded_worker(); print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr

@@ -276,8 +276,10 @@ def test_an_unfinished_stage_output_is_reported_as_far_as_it_goes(pipeline, tmp_
 def test_what_is_no_vlmdata_output_is_one_line(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
-    for path in (tmp_path / "notes", tmp_path / "missing", tmp_path / "notes" / "a.txt"):
-        with pytest.raises(UserError, match="a report is made of a stage output") as caught:
+    what, gone = "a report is made of a stage output", "missing does not exist; pass the directory"
+    for path, said in ((tmp_path / "notes", what), (tmp_path / "notes" / "a.txt", what),
+                       (tmp_path / "missing", gone)):  # fmt: skip
+        with pytest.raises(UserError, match=said) as caught:
             write_report(ReportConfig(str(path)))
         assert "\n" not in str(caught.value)
 
@@ -311,14 +313,36 @@ def test_a_damaged_shard_marker_or_eval_is_a_note_on_the_page(pipeline, tmp_path
     (out / "download" / "00000.stats.json").write_text("{")
     (eval_json,) = (out / "train" / "eval").glob("*/eval.json")
     eval_json.write_text("not json")
+    metrics = out / "train" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '[1, 2]\n{"step": "x", "loss": 1}\n\xff\n')
+    encode_like = out / "train" / "captions.json"  # what `vlmdata caption --json` would write
+    encode_like.write_text('{"images": 3}')
     text = checked_page(write_report(ReportConfig(str(out), quiet=True)).page)
     assert "not finished (or damaged) are left out: 00000" in text
     assert html.escape(str(eval_json)) + " is damaged" in text
+    assert 'alt="loss curves"' in text  # from the log's whole records
+    assert html.escape(str(encode_like)) + " is damaged" in text
 
 
 def test_out_must_be_a_file_name(pipeline, tmp_path):
     with pytest.raises(UserError, match="is a directory; pass a file name"):
         write_report(ReportConfig(str(pipeline / "labels"), out=str(tmp_path)))
+
+
+def test_out_never_replaces_a_file_that_is_not_a_report(pipeline, tmp_path):
+    """--out o/download/00000.parquet once replaced a shard with HTML."""
+    shard = tmp_path / "00000.parquet"
+    shard.write_bytes(b"PAR1 data")
+    with pytest.raises(UserError, match=r"is not an \.html file name"):
+        write_report(ReportConfig(str(pipeline / "labels"), out=str(shard)))
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>my notes</html>")
+    with pytest.raises(UserError, match="exists and is not a vlmdata report"):
+        write_report(ReportConfig(str(pipeline / "labels"), out=str(mine)))
+    assert shard.read_bytes() == b"PAR1 data" and "my notes" in mine.read_text()
+    page = tmp_path / "labels.html"
+    for _ in range(2):  # a page of its own is replaced
+        assert write_report(ReportConfig(str(pipeline / "labels"), out=str(page))).page == page
 
 
 @pytest.mark.parametrize("fine_bins", [[200, 399], [1, 398], [0, 399], [398, 399], [390]])

@@ -126,6 +126,7 @@ def test_a_failed_stage_stops_the_run_and_a_rerun_continues_from_it(tmp_path, im
         (("output = ", "outputs = "), "unknown key 'outputs'; did you mean 'output'?"),
         (("[eval]", "eval = 3\n[evaluation]"), "unknown key 'evaluation'"),
         (("[encode]", "encode = 1\n[x]"), "encode must be a table"),
+        (("[train]", "[labels.reprot]\n[train]"), "[labels.reprot] is no table vlmdata run knows"),
     ],
 )  # fmt: skip
 def test_pipeline_mistakes_are_one_line_before_any_stage_runs(tmp_path, images, edit, message):
@@ -232,3 +233,13 @@ def test_the_rerun_hint_keeps_the_input_and_output_given(tmp_path, images):
     assert f"rerun vlmdata run {pipeline} --input {images} --output {out} to continue" in (
         result.output
     )
+
+
+def test_a_record_stays_valid_toml_whatever_the_directory_is_called(tmp_path, images):
+    out = tmp_path / "feat\nures [x]"
+    made = runner.invoke(app, ["encode", str(images), str(out), "--model", "tiny-random-clip",
+                               "--pretrained", "none", "--workers", "0", "--quiet"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    text = (out / "vlmdata.toml").read_text()
+    assert tomllib.loads(text)["output-dir"] == str(out)
+    assert all(line.startswith("#") for line in text.splitlines()[:3])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import os
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -57,8 +58,31 @@ def options_from_table(
             if isinstance(value, dict):
                 hint = f" (a [{key}] table: put {command.name}'s options at the top level)"
             raise UserError(f"{where}: {command.name} has no option {key!r}{hint}")
+        param = next(p for p in command.params if p.name == name)
+        if (wrong := _wrong_shape(param, value)) is not None:
+            raise UserError(f"{where}: {key} is {wrong}")
         settings[name] = value
     return settings
+
+
+def _wrong_shape(param: object, value: object) -> str | None:
+    """What is wrong with ``value`` for ``param`` in TOML terms (click would turn a list or a
+    table into its text and use it: a directory named ``['x', 'y']``), or None."""
+    many = getattr(param, "multiple", False) or getattr(param, "nargs", 1) == -1
+    scalar = (str, int, float)  # bool is an int: told apart below
+    if isinstance(value, dict):
+        return "a table; give it a value"
+    if isinstance(value, dt.date | dt.time):
+        return "a date or time; give it in quotes, as text"
+    if many:
+        if isinstance(value, list) and all(isinstance(v, scalar) for v in value):
+            return None
+        return 'not a list of values; give one, e.g. ["a", "b"]'
+    if isinstance(value, list):
+        return "a list; give it one value"
+    if getattr(param, "is_flag", False) != isinstance(value, bool):
+        return "a flag: give true or false" if param.is_flag else "true/false; give it a value"
+    return None
 
 
 def normalised_table(table: dict, where: str) -> dict:
@@ -83,7 +107,8 @@ def record_options(folder: Path, ctx: typer.Context) -> None:
         and (value := ctx.params.get(p.name)) is not None  # TOML has no null: None is a default
     }
     command = _command_line(ctx)
-    write_record(folder / RECORD, command, f"{command} --config {folder / RECORD}", values,
+    again = f"{command} --config {shlex.quote(str(folder / RECORD))}"
+    write_record(folder / RECORD, command, again, values,
                  "The resolved options of the last run that wrote this directory (defaults "
                  "included).")  # fmt: skip
 
@@ -95,12 +120,16 @@ def write_record(path: Path, command: str, again: str, values: dict, what: str) 
     from vlmdata.pipeline.shards import atomic_write_bytes
 
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    header = (
-        f"# vlmdata {__version__}: `{command}`, {now}, run in {os.getcwd()}\n"
-        f"# {what}\n"
-        f"# Run it again: {again}\n"
-    )
+    header = "".join(f"# {_comment(line)}\n" for line in (
+        f"vlmdata {__version__}: `{command}`, {now}, run in {os.getcwd()}", what,
+        f"Run it again: {again}"))  # fmt: skip
     atomic_write_bytes(path, (header + tomli_w.dumps(values)).encode())
+
+
+def _comment(text: str) -> str:
+    """``text`` fit for one TOML comment line: a path may hold a newline (or any control
+    character), which would end the comment and corrupt the file."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _command_line(ctx: typer.Context) -> str:

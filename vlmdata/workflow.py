@@ -111,8 +111,11 @@ def plan_pipeline(config: RunConfig, app: typer.core.TyperGroup) -> Pipeline:
         kept = {k: v for k, v in pipeline.get(table, {}).items()
                 if k.replace("-", "_") not in options}  # fmt: skip
         pipeline[table] = {**kept, **options}
-    source = config.input or pipeline.get("input")
-    root = config.output or pipeline.get("output")
+    source = config.input if config.input is not None else pipeline.get("input")
+    root = config.output if config.output is not None else pipeline.get("output")
+    for flag, value in (("--input", config.input), ("--output", config.output)):
+        if value is not None and not value.strip():
+            raise UserError(f"{flag} is empty; pass a path")
     if not root:
         raise UserError(f'{where} has no output; add output = "DIR" or pass --output DIR')
     stages = [name for name in STAGES if name in pipeline]
@@ -241,6 +244,9 @@ def _commands(stages: list[str], pipeline: dict, wiring: Wiring) -> list[Command
             report = table.pop("report", {})
             if not isinstance(report, dict):
                 raise UserError("[labels] report must be a table ([labels.report]) of options")
+            if other := next((k for k, v in table.items() if isinstance(v, dict)), None):
+                raise UserError(f"[labels.{other}] is no table vlmdata run knows; the labels "
+                                "report's options go under [labels.report]")  # fmt: skip
             commands.append(("labels classify", [wiring.features, here],
                              _wired("features_dir", "output_dir"), table))  # fmt: skip
             if wiring.image_shards():

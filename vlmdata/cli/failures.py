@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import typer
 
@@ -105,21 +105,34 @@ def run_command(
     except KeyboardInterrupt:
         typer.echo(f"interrupted: {on_interrupt}", err=True)
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        _closed_output(on_interrupt)
     except Exception as e:
         code, message = _explain_failure(e)
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code) from None
     finally:
         signal.signal(signal.SIGTERM, previous_term)
-    typer.echo(summary if isinstance(summary, str) else summary.format())
-    if record_in is not None and ctx is not None:
+    if record_in is not None and ctx is not None:  # before the summary: a `| head` may end it
         _record_options(Path(record_in(summary)), ctx)
+    try:
+        typer.echo(summary if isinstance(summary, str) else summary.format())
+    except BrokenPipeError:
+        _closed_output(on_interrupt)
     if code := getattr(summary, "exit_code", 0):  # a run stopped by Ctrl-C, after saving
         raise typer.Exit(code)
 
 
 def _show_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
     typer.echo(f"warning: {message}", err=True)  # one line, no source excerpt
+
+
+def _closed_output(on_interrupt: str) -> NoReturn:
+    """The reader of our output went away (``vlmdata ... | head``): stop as a shell's
+    commands do, with one line on stderr instead of a traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
+    typer.echo(f"stopped: the output was closed; {on_interrupt}", err=True)
+    raise typer.Exit(141)
 
 
 def _record_options(folder: Path, ctx: typer.Context) -> None:

@@ -70,10 +70,13 @@ def demo(
 
     Example: vlmdata demo   # a few minutes on 2 CPU cores; then open vlmdata-demo/report.html
     """
-    from vlmdata.demo import run_demo
+    from vlmdata.demo import demo_command, run_demo
 
-    settings = DemoConfig(out=out_dir, images=images, steps=steps, quiet=quiet)
-    run_command(lambda: run_demo(settings, _vlmdata()), f"rerun vlmdata demo {out_dir} to continue")
+    def stage():
+        settings = DemoConfig(out=out_dir, images=images, steps=steps, quiet=quiet)
+        return run_demo(settings, _vlmdata())
+
+    run_command(stage, f"rerun {demo_command(out_dir, images, steps)} to continue")
 
 
 def _vlmdata() -> typer.core.TyperGroup:

@@ -29,6 +29,12 @@ RECORD = "demo.json"  # OUT/corpus/demo.json: the corpus size and the server's p
 UNSEEN = 4  # images served but left out of the URL list: captioned at the end
 
 
+# Bounds that keep the demo a demo: enough images to fill its training batches, few enough to
+# draw in seconds (the corpus is built in memory, ~8 KB and ~1.4 ms a picture).
+IMAGES_RANGE = (40, 10_000)
+STEPS_RANGE = (1, 100_000)
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "vlmdata-demo"
@@ -36,20 +42,44 @@ class DemoConfig:
     steps: int | None = None  # train --max-steps; default: the pipeline file's
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        for flag, value, (low, high) in (("--images", self.images, IMAGES_RANGE),
+                                         ("--steps", self.steps, STEPS_RANGE)):  # fmt: skip
+            if value is not None and not low <= value <= high:
+                raise UserError(f"{flag} {value} is out of the demo's range; pass {low} to "
+                                f"{high:,}")  # fmt: skip
+
+    def again(self) -> str:
+        """The command line that continues this demo."""
+        return demo_command(self.out, self.images, self.steps)
+
+
+def demo_command(out: str, images: int, steps: int | None) -> str:
+    """``vlmdata demo OUT --images N [--steps N]``, quoted for a shell."""
+    words = ["vlmdata", "demo", out, "--images", str(images)]
+    return shlex.join(words + (["--steps", str(steps)] if steps is not None else []))
+
 
 def run_demo(config: DemoConfig, app: typer.core.TyperGroup) -> RunSummary:
     """Generate and serve the corpus, run the demo pipeline and caption unseen images."""
-    from vlmdata.demo.corpus import MIN_IMAGES, build_corpus, write_url_list
+    from vlmdata.pipeline.shards import exclusive_output
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; pass a directory for the demo")
+    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+        _check_demo_dir(out, config)  # before the lock: leave a foreign directory untouched
+    with exclusive_output(out):  # a second demo here waits for none: it stops in one line
+        return _run_demo(config, app, out, _check_demo_dir(out, config))
+
+
+def _run_demo(config: DemoConfig, app: typer.core.TyperGroup, out: Path, record: dict):
+    from vlmdata.demo.corpus import build_corpus, write_url_list
     from vlmdata.demo.server import DemoServer
     from vlmdata.pipeline.shards import atomic_write_bytes, atomic_write_json
     from vlmdata.workflow import RunConfig, RunSummary, command_step, plan_pipeline, run_steps
 
-    if config.images < MIN_IMAGES:
-        raise UserError(f"--images {config.images} is too few for the demo; pass --images "
-                        f"{MIN_IMAGES} or more")  # fmt: skip
-    out = Path(config.out)
     corpus = out / "corpus"
-    record = _check_demo_dir(out, config.images)
     entries = build_corpus(config.images + UNSEEN)
     unseen = [entry for entry in entries if entry.kind == "image"][-UNSEEN:]
     listed = [entry for entry in entries if entry.name not in {e.name for e in unseen}]
@@ -60,7 +90,8 @@ def run_demo(config: DemoConfig, app: typer.core.TyperGroup) -> RunSummary:
             for entry in unseen:
                 atomic_write_bytes(new / entry.name, entry.body)
             write_url_list(listed, server.base_url, urls)
-            atomic_write_json(corpus / RECORD, {"images": config.images, "port": server.port,
+            atomic_write_json(corpus / RECORD, {"images": config.images, "steps": config.steps,
+                                                "port": server.port,
                                                 "vlmdata_version": __version__})  # fmt: skip
         overrides = {"train": {"max_steps": config.steps}} if config.steps is not None else {}
         run = RunConfig(str(PIPELINE), input=str(urls), output=str(out), quiet=config.quiet,
@@ -79,27 +110,25 @@ def run_demo(config: DemoConfig, app: typer.core.TyperGroup) -> RunSummary:
         )
         with warnings.catch_warnings():  # said once above, not by every stage
             warnings.filterwarnings("ignore", message=".*has random weights.*")
-            return run_steps(steps, RunSummary(out, again=f"vlmdata demo {shlex.quote(str(out))}"
-                                               f" --images {config.images}"))  # fmt: skip
+            return run_steps(steps, RunSummary(out, again=config.again()))
 
 
-def _check_demo_dir(out: Path, images: int) -> dict:
+def _check_demo_dir(out: Path, config: DemoConfig) -> dict:
     """The record of an earlier demo in ``out`` ({} for a new or empty directory, or one
     holding only the corpus of a demo killed before its record); anything else there, or a
     demo of another size, is refused."""
     from vlmdata.pipeline.shards import read_state_json
 
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    entries = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
+    if not entries:
         return {}
-    if not out.is_dir():
-        raise UserError(f"{out} is a file; pass a directory for the demo")
     record = read_state_json(out / "corpus" / RECORD, missing_ok=True)
     if not record:
-        if [p.name for p in out.iterdir()] == ["corpus"]:  # killed while writing its corpus
+        if entries == ["corpus"]:  # killed while writing its corpus
             return {}
         raise UserError(f"{out} is not empty and holds no vlmdata demo; pass a new directory")
-    if record.get("images") != images:
-        size = record.get("images")
-        raise UserError(f"{out} holds a demo of --images {size}; pass --images {size} to "
-                        "resume it, or a new directory")  # fmt: skip
+    made = DemoConfig(str(out), record.get("images"), record.get("steps"))
+    if (made.images, made.steps) != (config.images, config.steps):
+        raise UserError(f"{out} holds a demo made with other options; continue it with "
+                        f"{made.again()}, or pass a new directory")  # fmt: skip
     return record

@@ -194,6 +194,9 @@ def single_threaded_worker(*_: object) -> None:
     reason. It sets environment variables: call it only in a worker process of our own.
     """
     die_with_parent()
+    # Ctrl-C reaches the whole process group: the parent stops the run and the pool; a
+    # worker's own KeyboardInterrupt would only print a traceback from its task queue.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in _THREAD_POOL_SIZES:
         os.environ[name] = "1"
 

@@ -51,8 +51,7 @@ def write_report(config: ReportConfig) -> ReportSummary:
     path = path_argument(config.path, "DIR")
     found = found_in(path)
     out = path_argument(config.out, "--out") if config.out is not None else path / PAGE
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; pass a file name, e.g. {out / PAGE}")
+    _check_page_location(out)
     with charts.drawing():
         sections = [section(kind, where, out.parent, config.quiet) for kind, where in found]
     anchors = _anchors([s.kind for s in sections])
@@ -74,6 +73,26 @@ def write_report(config: ReportConfig) -> ReportSummary:
         found=tuple((s.title, s.line, s.partial) for s in sections),
         elapsed_s=time.monotonic() - started,
     )
+
+
+def _check_page_location(out: Path) -> None:
+    """Refuse an --out that is a directory, not an .html name, or a file other than a page
+    this report wrote (a shard, a plan, anyone's file would be lost)."""
+    if out.is_dir() or str(out).endswith("/"):
+        raise UserError(f"--out {out} is a directory; pass a file name, e.g. {out / PAGE}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"--out {out} is not an .html file name; pass one, e.g. "
+                        f"{out.with_suffix('.html')}")  # fmt: skip
+    if out.exists() and page.GENERATOR.encode() not in _head_of(out):
+        raise UserError(f"--out {out} exists and is not a vlmdata report; pass a new file name")
+
+
+def _head_of(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096)
+    except OSError:
+        return b""
 
 
 def _anchors(kinds: list[str]) -> list[str]:

@@ -118,9 +118,11 @@ def histogram(
 
 
 def count_axis(axes) -> None:
-    """A y axis of counts written in full, with thousands separators (no "1e6" offset)."""
-    from matplotlib.ticker import StrMethodFormatter
+    """A y axis of counts written in full, with thousands separators (no "1e6" offset), ticked
+    at whole numbers only (small counts would read "0 0 1 1 2 2")."""
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
 
 

@@ -34,9 +34,12 @@ def section(output: StageOutput, quiet: bool) -> Section:
     rate, rate_line = throughput(output, "image")
     parts = [_facts(plan), "<h3>Statuses</h3>", statuses.html("images"),
              "<h3>Placeholder filter</h3>"]  # fmt: skip
-    if threshold is None or bins.is_empty():
+    if threshold is None:
         parts.append(note("The placeholder filter was off (--no-placeholder-filter): every image "
                           "that decoded was encoded."))  # fmt: skip
+    elif bins.is_empty():
+        parts.append(note(f"No image was scored against the placeholders (threshold "
+                          f"{threshold:g}): none decoded."))  # fmt: skip
     else:
         parts += [_histogram(bins, threshold, dropped),
                   _nearest(output, filtered, kept, threshold, quiet)]  # fmt: skip

@@ -123,6 +123,10 @@ class Section:
         return "Training" if self.kind == "train" else self.kind.capitalize()
 
 
+# Marks a page as this report's: --out may replace such a page, never another file.
+GENERATOR = '<meta name="generator" content="vlmdata report">'
+
+
 def data_uri(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -240,6 +244,7 @@ def document(title: str, subtitle: str, sections: Sequence[tuple[str, Section]],
     return "\n".join([
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        GENERATOR,
         f"<title>{e(title)}</title>\n<style>{CSS}{_PAGE_CSS}</style>\n</head>\n<body>",
         '<header><div class="wrap">',
         f"<h1>{e(title)}</h1>",

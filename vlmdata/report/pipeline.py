@@ -29,6 +29,8 @@ _ORDER = (*STAGES, TRAIN)
 def found_in(path: Path) -> list[tuple[str, Path]]:
     """What ``path`` holds, as (kind, directory) in pipeline order: itself, or the stage
     outputs and training runs right inside it. Anything else is a UserError."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass the directory of a vlmdata output")
     if not path.is_dir():
         raise UserError(f"{path} is not a directory; {_WHAT}")
     kind = kind_of(path)

@@ -106,15 +106,18 @@ def finite_number(value: object) -> bool:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics log (a torn last line, from a kill, is skipped)."""
+    """The records of a metrics log: a torn last line (from a kill) and lines that are no
+    record of a step (damage, hand edits) are skipped."""
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
     return records
 
 
