@@ -402,3 +402,26 @@ def test_models_that_cap_their_logits_are_refused(shape_features, tmp_path):
     llm = _saved_llm(tmp_path / "gemma-like", final_logit_softcapping=30.0)
     result = _cli(shape_features, "--llm", llm, "--out", tmp_path / "r", "--max-steps", 1)
     _refused(result, "caps its logits")
+
+
+def test_sigterm_to_the_whole_process_group_saves_with_dataloader_workers(
+    shape_features, tmp_path, monkeypatch
+):
+    """`kill -TERM -PGID` (a scheduler, a container stop) reaches the DataLoader workers too:
+    they died of it, and the run ended as an internal error without saving."""
+    import multiprocessing
+
+    original = trainer_module.Trainer.optimizer_step
+
+    def step_then_terminate(self, batches):
+        result = original(self, batches)
+        if self.position.step == 2:  # the third step: as a process group, workers first
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "optimizer_step", step_then_terminate)
+    stopped = _train(shape_features, tmp_path / "run", max_steps=8, save_every=100, workers=1)
+    assert stopped.interrupted and stopped.step == 3
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000003"

@@ -676,9 +676,11 @@ def _options(config: TrainConfig) -> dict:
 
 
 def _ignore_interrupts(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which finishes its step first."""
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes its
+    step, saves and then ends them (a SIGTERM to the whole process group, as a scheduler or a
+    container stop sends, killed them mid-step: the run ended unsaved)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _StopRequest:
