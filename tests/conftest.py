@@ -130,6 +130,25 @@ class LoopbackServer:
 
 
 @pytest.fixture
+def quiet_random_weights() -> Iterator[None]:
+    """The tiny random models' "random weights" warning, silenced for one test (use with
+    ``pytestmark = pytest.mark.usefixtures("quiet_random_weights")``)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*random weights.*")
+        yield
+
+
+def one_error_line(result: object) -> str:
+    """The output of a refused CLI command: exit 2 and exactly one line, ``error: ...``."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture
 def server() -> Iterator[LoopbackServer]:
     with LoopbackServer() as s:
         yield s

@@ -5,28 +5,17 @@ the closest one."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_error_line
 from vlmdata.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
 
-@pytest.fixture(autouse=True)
-def _quiet_random_weights():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random weights.*")
-        yield
-
-
-def _one_error_line(result: object) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
 
 
 def test_a_config_file_sets_options_and_flags_override_it(shape_features, tmp_path):
@@ -51,7 +40,7 @@ def test_a_config_file_sets_options_and_flags_override_it(shape_features, tmp_pa
 def test_an_unknown_key_names_the_closest_option(tmp_path, command, key, suggestion):
     config = tmp_path / "c.toml"
     config.write_text(f"{key} = 1\n")
-    line = _one_error_line(runner.invoke(app, [*command, "--config", str(config)]))
+    line = one_error_line(runner.invoke(app, [*command, "--config", str(config)]))
     assert f"no option {key!r}" in line
     if suggestion:
         assert f"did you mean {suggestion!r}" in line
@@ -62,21 +51,21 @@ def test_an_unknown_key_names_the_closest_option(tmp_path, command, key, suggest
 def test_an_unreadable_config_is_one_line(tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("max-steps = \n")
-    assert "pass a TOML file" in _one_error_line(
+    assert "pass a TOML file" in one_error_line(
         runner.invoke(app, ["train", "x", "--config", str(broken)])
     )
     binary = tmp_path / "binary.toml"
     binary.write_bytes(b"\xff\xfe\x00")
-    assert "pass a TOML file" in _one_error_line(
+    assert "pass a TOML file" in one_error_line(
         runner.invoke(app, ["train", "x", "--config", str(binary)])
     )
     table = tmp_path / "table.toml"
     table.write_text("[download]\nconcurrency = 3\n")
-    assert "put download's options at the top level" in _one_error_line(
+    assert "put download's options at the top level" in one_error_line(
         runner.invoke(app, ["download", "a", "b", "--config", str(table)])
     )
     missing = tmp_path / "missing.toml"
-    assert "cannot read --config" in _one_error_line(
+    assert "cannot read --config" in one_error_line(
         runner.invoke(app, ["train", "x", "--config", str(missing)])
     )
 
@@ -101,6 +90,6 @@ def test_a_value_of_the_wrong_shape_is_one_line(tmp_path, setting, message):
     """click would take a list or table as its text: a directory named "['x', 'y']"."""
     config = tmp_path / "c.toml"
     config.write_text(f'input-dir = "{tmp_path}"\n{setting}\n')
-    line = _one_error_line(runner.invoke(app, ["encode", "--config", str(config)]))
+    line = one_error_line(runner.invoke(app, ["encode", "--config", str(config)]))
     assert message in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-import warnings
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -22,19 +21,13 @@ SMALL = ["--images", "40", "--steps", "20", "--quiet"]
 STAGES = ("download", "encode", "labels", "labels/report", "train")
 
 
-@pytest.fixture(autouse=True)
-def _quiet_random_weights():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random weights.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo") / "vlmdata-demo"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random weights.*")
-        result = runner.invoke(app, ["demo", str(out), *SMALL])
+    result = runner.invoke(app, ["demo", str(out), *SMALL])  # it says once: random weights
     assert result.exit_code == 0, result.output
     return out, result.output
 

@@ -5,13 +5,12 @@ record of a run is a config file that runs it again."""
 from __future__ import annotations
 
 import tomllib
-import warnings
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_shape_images
+from conftest import one_error_line, write_shape_images
 from vlmdata import __version__
 from vlmdata.cli import app
 
@@ -44,11 +43,7 @@ max-new-tokens = 4
 """
 
 
-@pytest.fixture(autouse=True)
-def _quiet_random_weights():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random weights.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +58,6 @@ def _pipeline(tmp_path: Path, images: Path, labels: str = "") -> tuple[Path, Pat
     path = tmp_path / "pipeline.toml"
     path.write_text(SMALL_PIPELINE.format(images=images, out=out, labels=labels))
     return path, out
-
-
-def _one_error_line(result: object) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 def test_a_pipeline_runs_its_stages_records_them_and_a_rerun_redoes_nothing(tmp_path, images):
@@ -132,7 +120,7 @@ def test_a_failed_stage_stops_the_run_and_a_rerun_continues_from_it(tmp_path, im
 def test_pipeline_mistakes_are_one_line_before_any_stage_runs(tmp_path, images, edit, message):
     pipeline, out = _pipeline(tmp_path, images)
     pipeline.write_text(pipeline.read_text().replace(*edit, 1))
-    line = _one_error_line(runner.invoke(app, ["run", str(pipeline)]))
+    line = one_error_line(runner.invoke(app, ["run", str(pipeline)]))
     assert message in line
     assert not out.exists()
 
@@ -217,7 +205,7 @@ def test_an_option_set_twice_is_refused(tmp_path, images):
     pipeline.write_text(
         pipeline.read_text().replace("max-steps = 3", "max-steps = 3\nmax_steps = 4")
     )
-    line = _one_error_line(runner.invoke(app, ["run", str(pipeline)]))
+    line = one_error_line(runner.invoke(app, ["run", str(pipeline)]))
     assert "[train]: 'max_steps' is set twice; keep one" in line
 
 

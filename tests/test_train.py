@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import warnings
 from pathlib import Path
 
 import h5py
@@ -39,11 +38,7 @@ runner = CliRunner(env={"COLUMNS": "200"})
 FAST = dict(llm="tiny-random-llama", batch_size=8, workers=0, quiet=True, val_fraction=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_random_weights():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random weights.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
 
 
 def _train(features: Path, out: Path, **options) -> trainer_module.TrainSummary:

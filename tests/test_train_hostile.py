@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import h5py
@@ -26,11 +25,7 @@ runner = CliRunner(env={"COLUMNS": "200"})
 FAST = ["--llm", "tiny-random-llama", "--batch-size", "8", "--workers", "0", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_random_weights():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random weights.*")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
 
 
 @pytest.fixture(scope="module")

@@ -192,27 +192,24 @@ class Wiring:
     source: str | None
     out: Path
     images: str | None  # image shards or folder, where known
+    image_shards: bool  # the images are shards (labels report takes thumbnails from those)
     features: str
 
     @staticmethod
     def of(stages: list[str], source: str | None, out: Path) -> Wiring:
         made = [name for name in stages if name in IMAGE_STAGES]
-        images = source if "encode" in stages else None  # encode reads the input: images
         if made:
-            images = str(out / made[-1])
+            images, shards = str(out / made[-1]), True
+        else:  # encode reads the input: images, as a folder or as shards
+            images = source if "encode" in stages else None
+            shards = images is not None and any(Path(images).glob("*.tar"))
         starts_after_encode = not made and "encode" not in stages and source
         features = source if starts_after_encode else str(out / "encode")
-        return Wiring(source, out, images, features)
-
-    def image_shards(self) -> bool:
-        """Whether the images are shards (what labels report shows thumbnails from)."""
-        return self.images is not None and (
-            self.images.startswith(str(self.out)) or any(Path(self.images).glob("*.tar"))
-        )
+        return Wiring(source, out, images, shards, features)
 
     def notes(self, stages: list[str], pipeline: dict) -> list[str]:
         notes = []
-        if "labels" in stages and not self.image_shards():
+        if "labels" in stages and not self.image_shards:
             notes.append("no labels report: it shows thumbnails from image shards, and this "
                          "pipeline has none (run download or preprocess in it)")  # fmt: skip
         if "eval" in stages and self.images is None and "images" not in pipeline["eval"]:
@@ -249,7 +246,7 @@ def _commands(stages: list[str], pipeline: dict, wiring: Wiring) -> list[Command
                                 "report's options go under [labels.report]")  # fmt: skip
             commands.append(("labels classify", [wiring.features, here],
                              _wired("features_dir", "output_dir"), table))  # fmt: skip
-            if wiring.image_shards():
+            if wiring.image_shards:
                 arguments = [here, "--images", str(wiring.images)]
                 wired = _wired("labels_dir", "images", "out")
                 commands.append(("labels report", arguments, wired, report))

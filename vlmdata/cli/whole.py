@@ -34,8 +34,9 @@ def run_pipeline(
 ) -> None:
     """Run a pipeline file's stages, each resuming where it stopped, then write its report.
 
-    The stages run in this order, those the file has a table for: download, preprocess,
-    encode, labels, train, eval; then OUTPUT/report.html. Rerun after a kill to continue.
+    Stages with a table run in order: download, preprocess, encode, labels, train, eval.
+
+    Then OUTPUT/report.html. A rerun after a kill or a failure continues where it stopped.
 
     Example: vlmdata run pipeline.toml   # start one with: vlmdata run --print-config
     """
@@ -65,8 +66,9 @@ def demo(
 ) -> None:
     """Run the whole job offline on generated data, from URLs to captions and a report.
 
-    A generated corpus served on 127.0.0.1 -> download --resize 448 -> encode -> labels ->
-    train -> eval -> caption -> report.html, with tiny random models.
+    A corpus served on 127.0.0.1, tiny random models: download, encode, labels, train, eval.
+
+    Then images it never saw are captioned, and DIR/report.html shows it all.
 
     Example: vlmdata demo   # a few minutes on 2 CPU cores; then open vlmdata-demo/report.html
     """

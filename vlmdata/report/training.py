@@ -14,6 +14,7 @@ from vlmdata.pipeline.shards import read_state_json
 from vlmdata.report import charts
 from vlmdata.report.page import Section, chart, link, note, numbers_table, tiles, warn
 from vlmdata.report.thumbnails import Picture, file_pictures
+from vlmdata.train import RUN_SUMMARY
 from vlmdata.train.caption_metrics import METRIC_NAMES, METRICS
 from vlmdata.train.checkpoints import read_run_config
 from vlmdata.train.evaluate import PAGE, RESULTS
@@ -28,7 +29,7 @@ MAX_NEW_IMAGES = 24
 
 def section(path: Path, page_dir: Path) -> Section:
     config = read_run_config(path)
-    summary = read_state_json(path / "summary.json", missing_ok=True) or {}
+    summary = read_state_json(path / RUN_SUMMARY, missing_ok=True) or {}
     records = read_metrics(path / METRICS_LOG)
     steps_done = max((r.get("step", 0) for r in records), default=0)
     total = summary.get("total_steps") or config["options"].get("max_steps")

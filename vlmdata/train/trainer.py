@@ -37,7 +37,7 @@ from vlmdata.pipeline.shards import (
     short_text,
 )
 from vlmdata.pipeline.upstream import marker_of
-from vlmdata.train import RUN_CONFIG
+from vlmdata.train import RUN_CONFIG, RUN_SUMMARY
 from vlmdata.train import checkpoints as ckpt
 from vlmdata.train.conversations import Conversations
 from vlmdata.train.data import (
@@ -489,12 +489,12 @@ class Trainer:
         if self.dist.rank == 0:
             fields = dataclasses.asdict(summary)
             del fields["run_dir"]
-            atomic_write_json(self.out / "summary.json", fields)
+            atomic_write_json(self.out / RUN_SUMMARY, fields)
         return summary
 
     def _finished(self) -> TrainSummary:
         """The summary of a run already trained to its last step, as it recorded it."""
-        recorded = read_state_json(self.out / "summary.json", missing_ok=True) or {}
+        recorded = read_state_json(self.out / RUN_SUMMARY, missing_ok=True) or {}
         return TrainSummary(
             run_dir=self.out, step=self.position.step, total_steps=self.total_steps,
             train_loss=recorded.get("train_loss"), val_loss=recorded.get("val_loss"), seconds=0.0,
