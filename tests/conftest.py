@@ -8,6 +8,7 @@ time; the server only ever listens on loopback.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import struct
@@ -22,6 +23,9 @@ from aiohttp import web
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Read when ray is imported, here and in every process of the test cluster: every Ray listener
+# binds to 127.0.0.1 instead of the machine's external address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def make_image(width: int, height: int, fmt: str = "JPEG", seed: int = 0, **save: object) -> bytes:
@@ -231,3 +235,58 @@ def trained_run(shape_features: Path, tmp_path_factory: pytest.TempPathFactory) 
                               out=str(out), max_steps=6, batch_size=8, workers=0,
                               val_fraction=TRAINED_RUN_VAL_FRACTION, quiet=True))  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: str) -> Iterator[None]:
+    """A Ray cluster of this test run: 2 CPUs, a small object store, no dashboard, every
+    listener on 127.0.0.1. vlmdata's ``--distributor ray`` joins it (Ray is initialised).
+    Started after the S3 server: its workers inherit the endpoint and credentials."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level=logging.ERROR)  # fmt: skip
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a thread of this process), with credentials and the
+    endpoint in the environment that s3fs and subprocesses read; yields the endpoint."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {name: os.environ.get(name) for name in _S3_ENVIRONMENT}
+    os.environ.update({**_S3_ENVIRONMENT, "AWS_ENDPOINT_URL": endpoint})
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": ""}  # fmt: skip
+
+
+@pytest.fixture
+def bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
+    """A new empty bucket on the loopback S3 server: ``s3://NAME``."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    name = "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
+    fs.mkdir(name)
+    return f"s3://{name}"

@@ -18,16 +18,17 @@ CLI = typer.main.get_command(app)
 
 # The option panels each command's --help shows (besides Arguments and Options).
 PANELS = {
-    "download": ["Input", "Output", "Performance", "Network", "Safety", "Resize (--resize)"],
-    "preprocess": ["Squares", "Safety", "Output", "Performance", "Input"],
+    "download": ["Input", "Output", "Performance", "Network", "Safety", "Resize (--resize)",
+                 "Scale-out"],
+    "preprocess": ["Squares", "Safety", "Output", "Performance", "Input", "Scale-out"],
     "encode": ["Model", "Performance", "Placeholder filter", "Squares", "Safety", "Output",
-               "Input"],
+               "Input", "Scale-out"],
     "inspect": [],
     "report": [],
     "run": [],
     "demo": [],
     "train": ["Model", "Output", "Training", "Performance", "Input", "Validation"],
-    "labels classify": ["Labels", "Model", "Performance", "Input"],
+    "labels classify": ["Labels", "Model", "Performance", "Input", "Scale-out"],
     "labels taxonomy": [],
     "labels report": ["Input", "Output", "What the page shows"],
     "caption": ["Generation", "Performance", "Model", "Safety", "Output"],

@@ -97,9 +97,10 @@ def normalised_table(table: dict, where: str) -> dict:
     return settings
 
 
-def record_options(folder: Path, ctx: typer.Context) -> None:
+def record_options(folder: Path, ctx: typer.Context, shown_as: str | None = None) -> None:
     """Write ``folder/vlmdata.toml``: the resolved options of the command that just wrote
-    ``folder`` (defaults included), the vlmdata version, and how to run it again."""
+    ``folder`` (defaults included), the vlmdata version, and how to run it again (with the
+    record named ``shown_as``: where it ends up, when that is not ``folder``)."""
     values = {
         _flag_name(p.name): list(value) if isinstance(value, tuple) else value
         for p in ctx.command.params  # in the order --help lists them
@@ -107,7 +108,7 @@ def record_options(folder: Path, ctx: typer.Context) -> None:
         and (value := ctx.params.get(p.name)) is not None  # TOML has no null: None is a default
     }
     command = _command_line(ctx)
-    again = f"{command} --config {shlex.quote(str(folder / RECORD))}"
+    again = f"{command} --config {shlex.quote(shown_as or str(folder / RECORD))}"
     write_record(folder / RECORD, command, again, values,
                  "The resolved options of the last run that wrote this directory (defaults "
                  "included).")  # fmt: skip

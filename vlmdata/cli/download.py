@@ -13,14 +13,18 @@ from vlmdata.cli.options import (
     RESIZE,
     SAFETY,
     ConfigFile,
+    Distributor,
     MaxPixels,
+    MaxShardRetries,
     Quiet,
+    RayAddress,
     ResizeFill,
     ResizeFormat,
     ResizeMinSide,
     ResizePadThreshold,
     ResizeQuality,
     ShardSize,
+    ray_options,
     square_options,
 )
 from vlmdata.errors import UserError
@@ -58,10 +62,18 @@ def download(
     ] = None,
     shard_size: ShardSize = 10_000,
     concurrency: Annotated[
-        int, typer.Option(help="Requests in flight.", rich_help_panel=PERFORMANCE)
+        int,
+        typer.Option(
+            help="Requests in flight (split between --processes; per worker on Ray).",
+            rich_help_panel=PERFORMANCE,
+        ),
     ] = 256,
     per_host: Annotated[
-        int, typer.Option(help="Requests in flight to one host.", rich_help_panel=PERFORMANCE)
+        int,
+        typer.Option(
+            help="Requests in flight to one host (split between --processes; per worker on Ray).",
+            rich_help_panel=PERFORMANCE,
+        ),
     ] = 16,
     timeout: Annotated[
         float,
@@ -88,7 +100,8 @@ def download(
         int,
         typer.Option(
             help="Download processes, each an event loop over whole shards (one loop keeps ~4 "
-            "cores busy with --resize).",
+            "cores busy with --resize). With --distributor ray: the Ray workers, each one such "
+            "loop with the whole --concurrency and --per-host (default: one per cluster CPU).",
             show_default="a quarter of the usable CPUs",
             rich_help_panel=PERFORMANCE,
         ),
@@ -139,6 +152,9 @@ def download(
     format: ResizeFormat = None,
     quality: ResizeQuality = None,
     min_side: ResizeMinSide = None,
+    distributor: Distributor = "local",
+    ray_address: RayAddress = "",
+    max_shard_retries: MaxShardRetries = 3,
     quiet: Quiet = False,
     config: ConfigFile = None,
 ) -> None:
@@ -175,6 +191,7 @@ def download(
                 limit=limit,
                 retry_failed=retry_failed,
                 quiet=quiet,
+                ray=ray_options(ctx, distributor, "processes"),
                 fetch=FetchPolicy(
                     timeout=timeout,
                     retries=retries,

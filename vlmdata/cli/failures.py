@@ -114,7 +114,7 @@ def run_command(
     finally:
         signal.signal(signal.SIGTERM, previous_term)
     if record_in is not None and ctx is not None:  # before the summary: a `| head` may end it
-        _record_options(Path(record_in(summary)), ctx)
+        _record_options(str(record_in(summary)), ctx)
     try:
         typer.echo(summary if isinstance(summary, str) else summary.format())
     except BrokenPipeError:
@@ -135,15 +135,22 @@ def _closed_output(on_interrupt: str) -> NoReturn:
     raise typer.Exit(141)
 
 
-def _record_options(folder: Path, ctx: typer.Context) -> None:
-    """The command's resolved options into ``folder/vlmdata.toml``; a failure to write this
-    record is a warning, the run's output stands."""
+def _record_options(location: str, ctx: typer.Context) -> None:
+    """The command's resolved options into ``location/vlmdata.toml`` (a directory or an
+    object-store URL); a failure to write this record is a warning, the run's output stands."""
     from vlmdata.configfile import RECORD, record_options
+    from vlmdata.pipeline.storage import RemoteOutput, is_url
 
     try:
-        record_options(folder, ctx)
-    except OSError as e:
-        typer.echo(f"warning: could not record the options in {folder / RECORD} ({e})", err=True)
+        if not is_url(location):
+            record_options(Path(location), ctx)
+            return
+        remote = RemoteOutput(location)
+        record_options(remote.staging, ctx, shown_as=f"{remote.url}/{RECORD}")
+        remote.push(RECORD)
+    except (OSError, UserError) as e:
+        typer.echo(f"warning: could not record the options in {location}/{RECORD} ({e})",
+                   err=True)  # fmt: skip
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -16,15 +16,20 @@ from vlmdata.cli.options import (
     AllowIncomplete,
     ConfigFile,
     Device,
+    Distributor,
     Fill,
     Format,
+    GpusPerWorker,
     MaxPixels,
+    MaxShardRetries,
     MinSide,
     PadThreshold,
     Precision,
     Quality,
     Quiet,
+    RayAddress,
     ShardSize,
+    ray_options,
     square_options,
 )
 from vlmdata.pipeline.distributor import usable_cpus
@@ -50,12 +55,16 @@ def preprocess(
     processes: Annotated[
         int,
         typer.Option(
-            help="Worker processes, each squaring whole shards.",
+            help="Worker processes, each squaring whole shards (with --distributor ray: the Ray "
+            "workers, default one per cluster CPU).",
             show_default="the usable CPUs",
             rich_help_panel=PERFORMANCE,
         ),
     ] = usable_cpus(),
     allow_incomplete: AllowIncomplete = False,
+    distributor: Distributor = "local",
+    ray_address: RayAddress = "",
+    max_shard_retries: MaxShardRetries = 3,
     quiet: Quiet = False,
     config: ConfigFile = None,
 ) -> None:
@@ -77,6 +86,7 @@ def preprocess(
                 processes=processes,
                 allow_incomplete=allow_incomplete,
                 quiet=quiet,
+                ray=ray_options(ctx, distributor, "processes"),
             )
         )
 
@@ -156,6 +166,10 @@ def encode(
     max_pixels: MaxPixels = 100_000_000,
     shard_size: ShardSize = 10_000,
     allow_incomplete: AllowIncomplete = False,
+    distributor: Distributor = "local",
+    ray_address: RayAddress = "",
+    max_shard_retries: MaxShardRetries = 3,
+    gpus_per_worker: GpusPerWorker = 0.0,
     quiet: Quiet = False,
     config: ConfigFile = None,
 ) -> None:
@@ -190,6 +204,7 @@ def encode(
                 shard_size=shard_size,
                 allow_incomplete=allow_incomplete,
                 quiet=quiet,
+                ray=ray_options(ctx, distributor),
             )
         )
 

@@ -16,7 +16,12 @@ from vlmdata.cli.options import (
     AllowIncomplete,
     ConfigFile,
     Device,
+    Distributor,
+    GpusPerWorker,
+    MaxShardRetries,
     Quiet,
+    RayAddress,
+    ray_options,
 )
 from vlmdata.errors import UserError
 from vlmdata.labels import PLACEHOLDER_CATEGORY
@@ -74,6 +79,10 @@ def labels_classify(
     ] = 4096,
     device: Device = "auto",
     allow_incomplete: AllowIncomplete = False,
+    distributor: Distributor = "local",
+    ray_address: RayAddress = "",
+    max_shard_retries: MaxShardRetries = 3,
+    gpus_per_worker: GpusPerWorker = 0.0,
     quiet: Quiet = False,
     config: ConfigFile = None,
 ) -> None:
@@ -97,6 +106,7 @@ def labels_classify(
                 device=device,
                 allow_incomplete=allow_incomplete,
                 quiet=quiet,
+                ray=ray_options(ctx, distributor),
             )
         )
 

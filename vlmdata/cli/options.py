@@ -12,9 +12,11 @@ from vlmdata.errors import UserError
 
 if TYPE_CHECKING:
     from vlmdata.pipeline.imageops import SquareOptions
+    from vlmdata.pipeline.ray_distributor import RayOptions
 
 INPUT, OUTPUT, PERFORMANCE, SAFETY = "Input", "Output", "Performance", "Safety"
 MODEL, SQUARES, RESIZE = "Model", "Squares", "Resize (--resize)"
+SCALE = "Scale-out"
 
 AllowIncomplete = Annotated[
     bool,
@@ -41,6 +43,68 @@ Precision = Annotated[
         rich_help_panel=PERFORMANCE,
     ),
 ]
+
+Distributor = Annotated[
+    str,
+    typer.Option(
+        help="local: processes on this machine; ray: workers on a Ray cluster, one task per "
+        "shard (pip install 'vlmdata[ray]').",
+        rich_help_panel=SCALE,
+    ),
+]
+RayAddress = Annotated[
+    str,
+    typer.Option(
+        help="With --distributor ray: the cluster to join (auto, host:6379, ray://host:10001).",
+        show_default="RAY_ADDRESS, else a cluster running here, else a local one",
+        rich_help_panel=SCALE,
+    ),
+]
+MaxShardRetries = Annotated[
+    int,
+    typer.Option(
+        help="With --distributor ray: times a shard is retried when its worker dies (Ray "
+        "restarts the worker).",
+        rich_help_panel=SCALE,
+    ),
+]
+GpusPerWorker = Annotated[
+    float,
+    typer.Option(
+        help="With --distributor ray: GPUs each worker reserves (0.5: two share one GPU; 0: CPU "
+        "workers). With 0 the workers are as many as the cluster's CPUs, else its GPUs fit.",
+        rich_help_panel=SCALE,
+    ),
+]
+_RAY_ONLY = ("ray_address", "max_shard_retries", "gpus_per_worker")
+
+
+def ray_options(
+    ctx: typer.Context, distributor: str, workers_from: str | None = None
+) -> RayOptions | None:
+    """The Ray options of a stage command, None with --distributor local; ``workers_from``
+    names the option that sets the Ray workers (--processes), when given on the command."""
+    from vlmdata.pipeline.ray_distributor import RayOptions
+
+    def given(name: str) -> bool:  # by name: typer may carry its own copy of click's enum
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name != "DEFAULT"
+
+    defaults = {param.name: param.default for param in ctx.command.params}
+    if distributor == "local":  # a Ray option set to anything but its default is a mistake
+        if stray := [name for name in _RAY_ONLY
+                     if name in ctx.params and ctx.params[name] != defaults[name]]:  # fmt: skip
+            flag = "--" + stray[0].replace("_", "-")
+            raise UserError(f"{flag} only applies with --distributor ray; add it or drop {flag}")
+        return None
+    if distributor != "ray":
+        raise UserError(f"--distributor must be local or ray, got {distributor!r}")
+    return RayOptions(
+        address=ctx.params.get("ray_address") or None,
+        workers=ctx.params[workers_from] if workers_from and given(workers_from) else None,
+        gpus_per_worker=ctx.params.get("gpus_per_worker") or 0.0,
+        max_shard_retries=ctx.params.get("max_shard_retries", 3),
+    )
 
 
 def _apply_config_file(ctx: typer.Context, value: str | None) -> None:

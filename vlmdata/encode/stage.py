@@ -18,7 +18,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -37,11 +37,13 @@ from vlmdata.errors import MachineFailure, UserError, require_at_least, require_
 from vlmdata.pipeline.distributor import Progress, die_with_parent
 from vlmdata.pipeline.image_sources import ImageShard, SampleRef, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, make_square
+from vlmdata.pipeline.ray_distributor import RayOptions, on_cluster, worker_count
 from vlmdata.pipeline.runner import (
     Stage,
     check_output_location,
     check_ownership,
-    path_argument,
+    input_location,
+    output_location,
     run_stage,
 )
 from vlmdata.pipeline.shards import (
@@ -105,6 +107,7 @@ class EncodeConfig:
     shard_size: int = 10_000  # plain image folders only
     allow_incomplete: bool = False  # take the finished shards of an unfinished upstream
     quiet: bool = False
+    ray: RayOptions | None = None  # --distributor ray: Ray actors, one model each
 
     def __post_init__(self) -> None:
         require_at_least(1, batch_size=self.batch_size, max_pixels=self.max_pixels,
@@ -117,21 +120,26 @@ class EncodeConfig:
 
 def run_encode(config: EncodeConfig) -> RunSummary:
     """Encode every image of ``config.input_dir`` into HDF5 shards under ``config.output_dir``."""
-    source, out = path_argument(config.input_dir, "INPUT_DIR"), path_argument(config.output_dir)
+    source = input_location(config.input_dir, "INPUT_DIR")
+    out, remote = output_location(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
-    check_output_location(out, [source])  # user mistakes first: before the model loads
-    check_ownership(out, "encode")
-    device = resolve_device(config.device, config.precision)
-    precision = resolve_precision(config.precision, device)
-    if config.precision == "auto":  # before the model loads
+    if remote is None:
+        check_output_location(out, [source])  # user mistakes first: before the model loads
+        check_ownership(out, "encode")
+    device, precision = _resolve_for_workers(config)
+    if config.precision == "auto" and remote is None:  # before the model loads
         _check_auto_precision(out, images.fingerprint, precision, device)
     references = {} if not config.placeholder_filter else {
         **builtin_placeholders(), **load_references(list(config.references))
     }  # fmt: skip
-    clip = load_clip(config.model, config.pretrained, device, precision)
+    # Loaded here for what the cache records; on Ray the workers load their own copies.
+    here = device if config.ray is None else "cpu"
+    clip = load_clip(config.model, config.pretrained, here, precision if here == device else "fp32")
     features = PatchFeatures(clip, config.layer, token_grid_side(config.tokens, clip))
     attrs = _attributes(config, clip, features, references, precision)
-    encoder = _ShardEncoder(config, clip, features, attrs, references)
+    work = EncodeWork(replace(config, ray=None), device, precision, attrs, references, str(out))
+    if config.ray is None:
+        work.loaded = _ShardEncoder(config, clip, features, attrs, references)
     stage = Stage(
         name="encode",
         output_dir=out,
@@ -154,15 +162,66 @@ def run_encode(config: EncodeConfig) -> RunSummary:
         quiet=config.quiet,
         partial_input=images.partial,
         input_markers={shard.name: input_marker(shard) for shard in images.shards},
-        before_complete=lambda out, names: _write_manifest(out, names, attrs),
+        before_complete=lambda out, names, stats: _write_manifest(out, names, stats, attrs),
         run_files=("manifest.json",),
+        remote=remote,
+        ray=config.ray,
     )
-
-    def work(shards: Iterator[ImageShard], progress: Progress) -> None:
-        for shard in shards:  # one model in this process: shards one after another
-            encoder.encode(shard, out, progress)
-
     return run_stage(stage, lambda stage: images.shards, work)
+
+
+def _resolve_for_workers(config: EncodeConfig) -> tuple[str, str]:
+    """The device and precision the encoding runs with: here, or on Ray's workers (a GPU when
+    --gpus-per-worker asks for one, whatever the driver has; ``auto`` precision is what such a
+    worker resolves)."""
+    if config.ray is None:
+        device = resolve_device(config.device, config.precision)
+        return device, resolve_precision(config.precision, device)
+    gpus = config.ray.gpus_per_worker
+    device = config.device if config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    if device == "cuda" and gpus <= 0:
+        raise UserError("--device cuda on Ray needs --gpus-per-worker (e.g. 1, or 0.5 to share a "
+                        "GPU between two workers)")  # fmt: skip
+    worker_count(config.ray)  # before the model loads: a cluster without the GPUs asked for
+    if device == "cpu":
+        return resolve_device("cpu", config.precision), resolve_precision(config.precision, "cpu")
+    if config.precision != "auto":
+        return device, config.precision
+    return device, on_cluster(resolve_precision, "auto", "cuda", gpus=gpus)
+
+
+@dataclass
+class EncodeWork:
+    """The encode stage's work: a model in this process (loaded on first use: a Ray worker
+    loads its own), shard after shard."""
+
+    config: EncodeConfig
+    device: str
+    precision: str
+    attrs: dict
+    references: dict[str, bytes]
+    out: str
+    loaded: _ShardEncoder | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "loaded": None}  # a worker loads the model itself
+
+    def __call__(self, shards: Iterator[ImageShard], progress: Progress) -> None:
+        if self.loaded is None:
+            self.loaded = self._load()
+        for shard in shards:  # one model in this process: shards one after another
+            self.loaded.encode(shard, Path(self.out), progress)
+
+    def _load(self) -> _ShardEncoder:
+        config = self.config
+        clip = load_clip(config.model, config.pretrained, self.device, self.precision)
+        features = PatchFeatures(clip, config.layer, token_grid_side(config.tokens, clip))
+        made = _attributes(config, clip, features, self.references, self.precision)
+        if made != self.attrs:  # another vlmdata or weights on this worker: not one cache
+            changed = next(k for k in self.attrs if made.get(k) != self.attrs[k])
+            raise UserError(f"a Ray worker's {config.model} differs from the driver's in "
+                            f"{changed}; install the same vlmdata and weights on every node")
+        return _ShardEncoder(config, clip, features, self.attrs, self.references)
 
 
 def _check_auto_precision(out: Path, input_fingerprint: dict, precision: str, device: str) -> None:
@@ -536,11 +595,9 @@ def _record(
     }  # fmt: skip
 
 
-def _write_manifest(out: Path, names: list[str], attrs: dict) -> None:
+def _write_manifest(out: Path, names: list[str], stats: list[dict], attrs: dict) -> None:
     """``manifest.json``: the attributes, and every shard's file and row count."""
-    shards = []
-    for name in names:
-        stats = read_state_json(ShardFiles(out, name).stats)
-        shards.append({"name": name, "file": f"{name}.h5", "rows": stats["status"].get(SUCCESS, 0)})
+    shards = [{"name": name, "file": f"{name}.h5", "rows": shard["status"].get(SUCCESS, 0)}
+              for name, shard in zip(names, stats, strict=True)]  # fmt: skip
     atomic_write_json(out / "manifest.json", {"attrs": attrs, "shards": shards,
                                               "rows": sum(s["rows"] for s in shards)})  # fmt: skip

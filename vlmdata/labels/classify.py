@@ -46,11 +46,13 @@ from vlmdata.labels.text import (
 )
 from vlmdata.labels.zeroshot import LABEL_SCHEMA, Predictions, ZeroShotClassifier
 from vlmdata.pipeline.distributor import Progress
+from vlmdata.pipeline.ray_distributor import RayOptions
 from vlmdata.pipeline.runner import (
     Stage,
     check_output_location,
     check_ownership,
-    path_argument,
+    input_location,
+    output_location,
     run_stage,
 )
 from vlmdata.pipeline.shards import (
@@ -82,6 +84,7 @@ class ClassifyConfig:
     device: str = "auto"
     allow_incomplete: bool = False  # label the finished shards of an unfinished encode
     quiet: bool = False
+    ray: RayOptions | None = None  # --distributor ray: Ray actors, one text model each
 
     def __post_init__(self) -> None:
         require_at_least(1, top_k=self.top_k, batch_size=self.batch_size)
@@ -89,19 +92,20 @@ class ClassifyConfig:
 
 def run_classify(config: ClassifyConfig) -> RunSummary:
     """Label every embedding of ``config.features_dir`` into ``config.output_dir``."""
-    source = path_argument(config.features_dir, "FEATURES_DIR")
-    out = path_argument(config.output_dir)
+    source = input_location(config.features_dir, "FEATURES_DIR")
+    out, remote = output_location(config.output_dir)
     features = open_features(source, config.allow_incomplete)
     check_model_flag(features.model, config.model)
     taxonomy, templates = load_taxonomy(config.taxonomy), load_templates(config.templates)
     if config.top_k > len(taxonomy.descriptions):
         raise UserError(f"--top-k {config.top_k} is more than the taxonomy's "
                         f"{len(taxonomy.descriptions)} descriptions; lower --top-k")  # fmt: skip
-    device = resolve_device(config.device, "fp32")
+    device = _worker_device(config)
     # A weights file the user names is checked now; the recorded one only if it is needed.
     weights = resolve_weights(features.model, config.pretrained) if config.pretrained else None
-    check_output_location(out, [source])  # user mistakes first: before any text is encoded
-    check_ownership(out, "labels")
+    if remote is None:  # user mistakes first: before any text is encoded
+        check_output_location(out, [source])
+        check_ownership(out, "labels")
     model = features.model
     key = cache_key(model, taxonomy.digest, templates_digest(templates))
     shape = (len(taxonomy.descriptions), model.embed_dim)
@@ -121,6 +125,8 @@ def run_classify(config: ClassifyConfig) -> RunSummary:
         quiet=config.quiet,
         partial_input=features.partial,
         input_markers={shard.name: shard.marker for shard in features.shards},
+        remote=remote,
+        ray=config.ray,
     )
 
     def classifier() -> ZeroShotClassifier:
@@ -150,6 +156,21 @@ def run_classify(config: ClassifyConfig) -> RunSummary:
                 written.result()
 
     return run_stage(stage, lambda stage: features.shards, work)
+
+
+def _worker_device(config: ClassifyConfig) -> str:
+    """The device the labelling runs on: here, or on Ray's workers (a GPU when
+    --gpus-per-worker asks for one, whatever the driver has)."""
+    if config.ray is None or config.device == "cpu":
+        return resolve_device(config.device, "fp32")
+    if config.device not in ("auto", "cuda"):
+        return resolve_device(config.device, "fp32")  # the one-line refusal
+    if config.ray.gpus_per_worker > 0:
+        return "cuda"
+    if config.device == "cuda":
+        raise UserError("--device cuda on Ray needs --gpus-per-worker (e.g. 1, or 0.5 to share a "
+                        "GPU between two workers)")  # fmt: skip
+    return "cpu"
 
 
 def labels_plan(

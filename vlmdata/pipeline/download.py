@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -46,7 +46,8 @@ from vlmdata.pipeline.imageops import (
     inspect_image,
     square_image,
 )
-from vlmdata.pipeline.runner import Stage, path_argument, run_stage
+from vlmdata.pipeline.ray_distributor import RayOptions
+from vlmdata.pipeline.runner import Stage, output_location, run_stage
 from vlmdata.pipeline.shards import (
     FAILED_TO_DECODE,
     FAILED_TO_DOWNLOAD,
@@ -60,6 +61,7 @@ from vlmdata.pipeline.shards import (
 )
 from vlmdata.pipeline.sources import Shard, UrlSource
 from vlmdata.pipeline.stats import RunSummary
+from vlmdata.pipeline.storage import is_url, local_input
 
 
 @dataclass
@@ -83,6 +85,7 @@ class DownloadConfig:
     retry_failed: bool = False
     quiet: bool = False
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    ray: RayOptions | None = None  # --distributor ray: `processes` Ray workers, limits each
 
     def __post_init__(self) -> None:
         require_at_least(1, shard_size=self.shard_size, concurrency=self.concurrency,
@@ -118,16 +121,25 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
     ``resolver`` replaces the system DNS resolver (the SSRF guard still applies); it must be
     picklable when ``config.processes`` > 1.
     """
+    out, remote = output_location(config.output_dir)
+    if remote is not None and config.retry_failed:
+        raise UserError("--retry-failed rewrites finished shards in place and needs a local "
+                        "OUTPUT_DIR; rerun it where the shards are on disk")  # fmt: skip
+    input_text = str(local_input(config.input)) if is_url(config.input) else config.input
     source = UrlSource(
-        config.input, config.url_col, config.caption_col, config.keep_cols,
+        input_text, config.url_col, config.caption_col, config.keep_cols,
         config.input_format, config.limit,
     )  # fmt: skip
-    out = path_argument(config.output_dir)
     total = source.total_rows()
     planned = None
     if total is not None:
         planned = [shard_name(i) for i in range(math.ceil(total / config.shard_size))]
-    given = Path(config.input)
+    given = Path(input_text)
+    ray = config.ray
+    if ray is not None:  # each Ray worker is one event loop with the whole limits
+        in_flight = shards_in_flight(config.concurrency, config.shard_size)
+        ray = replace(ray, shards_per_worker=in_flight)
+        config = replace(config, processes=1, ray=None)
     stage = Stage(
         name="download",
         output_dir=out,
@@ -142,6 +154,8 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
         hint=(" No retryable failures are left." if config.retry_failed
               else " Use --retry-failed to re-attempt retryable failures."),
         reopen=_reopen_retryable_shards if config.retry_failed else None,
+        remote=remote,
+        ray=ray,
     )  # fmt: skip
 
     def shards(stage: Stage) -> Iterator[Shard]:
@@ -177,6 +191,12 @@ def download_shards(
     """One process's share of the run: download ``shards`` on an event loop of its own."""
     with decoder_warnings_ignored():
         asyncio.run(ShardDownloader(config, Path(out_dir), resolver, progress).run(shards))
+
+
+def shards_in_flight(concurrency: int, shard_size: int) -> int:
+    """Shards one event loop downloads at once: enough to keep every request slot busy while
+    one shard waits on its slowest hosts."""
+    return max(4, math.ceil(2 * concurrency / shard_size) + 1)
 
 
 class ShardDownloader:
@@ -215,10 +235,7 @@ class ShardDownloader:
         # share of the CPUs the run may use.
         workers = max(1, usable_cpus() // self.config.processes)
         self.resize_pool = ImagePool(workers) if self.config.resize else None
-        # Enough shards in flight to keep every request slot busy while one shard waits on
-        # its slowest hosts.
-        in_flight = max(4, math.ceil(2 * self.concurrency / self.config.shard_size) + 1)
-        shard_slots = asyncio.Semaphore(in_flight)
+        shard_slots = asyncio.Semaphore(shards_in_flight(self.concurrency, self.config.shard_size))
         try:
             async with (
                 open_session(self.config.fetch, self.concurrency, self.resolver) as self.session,

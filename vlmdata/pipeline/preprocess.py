@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +22,8 @@ from vlmdata.errors import require_at_least
 from vlmdata.pipeline.distributor import Progress, usable_cpus
 from vlmdata.pipeline.image_sources import ImageShard, expected_samples
 from vlmdata.pipeline.imageops import SquareOptions, decoder_warnings_ignored, square_image
-from vlmdata.pipeline.runner import Stage, path_argument, run_stage
+from vlmdata.pipeline.ray_distributor import RayOptions
+from vlmdata.pipeline.runner import Stage, input_location, output_location, run_stage
 from vlmdata.pipeline.shards import (
     RECORD_SCHEMA,
     STAGE_DATA_FILES,
@@ -58,6 +59,7 @@ class PreprocessConfig:
     processes: int = field(default_factory=usable_cpus)
     allow_incomplete: bool = False  # take the finished shards of an unfinished upstream
     quiet: bool = False
+    ray: RayOptions | None = None  # --distributor ray: `processes` Ray workers
 
     def __post_init__(self) -> None:
         require_at_least(1, max_pixels=self.max_pixels, shard_size=self.shard_size,
@@ -76,7 +78,8 @@ class PreprocessConfig:
 
 def run_preprocess(config: PreprocessConfig) -> RunSummary:
     """Square every image of ``config.input_dir`` into shards under ``config.output_dir``."""
-    source, out = path_argument(config.input_dir, "INPUT_DIR"), path_argument(config.output_dir)
+    source = input_location(config.input_dir, "INPUT_DIR")
+    out, remote = output_location(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
     stage = Stage(
         name="preprocess",
@@ -91,10 +94,11 @@ def run_preprocess(config: PreprocessConfig) -> RunSummary:
         quiet=config.quiet,
         partial_input=images.partial,
         input_markers={shard.name: input_marker(shard) for shard in images.shards},
+        remote=remote,
+        ray=config.ray,
     )
-    return run_stage(
-        stage, lambda stage: images.shards, partial(preprocess_shards, config, str(out))
-    )
+    work = partial(preprocess_shards, replace(config, ray=None), str(out))
+    return run_stage(stage, lambda stage: images.shards, work)
 
 
 def preprocess_shards(

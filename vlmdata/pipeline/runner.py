@@ -18,7 +18,10 @@ from typing import TypeVar
 
 from vlmdata.errors import UserError
 from vlmdata.pipeline.distributor import Work, distribute
+from vlmdata.pipeline.finishing import ShardSink, finishing
+from vlmdata.pipeline.ray_distributor import RayOptions, ray_distribute, worker_count
 from vlmdata.pipeline.shards import (
+    PLAN,
     Named,
     ShardFiles,
     atomic_write_json,
@@ -29,6 +32,7 @@ from vlmdata.pipeline.shards import (
     stage_of,
 )
 from vlmdata.pipeline.stats import RunProgress, RunSummary, merge_stats
+from vlmdata.pipeline.storage import LEASE, RemoteOutput, is_url, local_input
 
 S = TypeVar("S", bound=Named)
 
@@ -53,16 +57,26 @@ class Stage:
     partial_input: bool = False  # only part of an unfinished upstream: never marked complete
     # download --retry-failed: reopen finished shards before the run; returns rows to redo.
     reopen: Callable[[Stage], int] | None = None
-    # Written after the shards and before the completion marker (encode's manifest).
-    before_complete: Callable[[Path, list[str]], None] | None = None
+    # Written after the shards and before the completion marker (encode's manifest), from
+    # the shards' names and stats.
+    before_complete: Callable[[Path, list[str], list[dict]], None] | None = None
     run_files: tuple[str, ...] = ()  # what before_complete writes: a complete run has them
     # The current state of the input shard behind each output shard (upstream.input_marker): a
     # shard made from an older state (before a --retry-failed upstream) is redone.
     input_markers: dict[str, str | None] | None = None
+    # An object-store output: output_dir is its local staging, shards are published there.
+    remote: RemoteOutput | None = None
+    ray: RayOptions | None = None  # --distributor ray: run the work on Ray actors
 
     # What this run found of each shard when it first looked (complete_stats), so a run reads
     # each marker once however many steps ask; a resume of a 28M-row input asks for 2,800.
     _found: dict[str, dict | None] = field(default_factory=dict, init=False, repr=False)
+    _listing: dict[str, int] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def location(self) -> str:
+        """The output as the user named it: a directory, or an object-store URL."""
+        return self.remote.url if self.remote else str(self.output_dir)
 
     def shard_files(self, name: str) -> ShardFiles:
         return ShardFiles(self.output_dir, name)
@@ -77,7 +91,12 @@ class Stage:
 
     def recheck(self, name: str) -> dict | None:
         """:meth:`complete_stats` as shard ``name`` is now, not as the run found it."""
-        stats = complete_shard_stats(self.shard_files(name), self.data_files)
+        if self.remote is None:
+            stats = complete_shard_stats(self.shard_files(name), self.data_files)
+        else:
+            if self._listing is None:
+                self._listing = self.remote.listing()
+            stats = self.remote.complete_stats(name, self.data_files, self._listing)
         if stats is not None and self.input_markers is not None:
             stats = stats if stats.get("input") == self.input_markers.get(name) else None
         self._found[name] = stats
@@ -86,6 +105,23 @@ class Stage:
     def look_again(self) -> None:
         """Forget what this run found of every shard (a reopen changed some)."""
         self._found.clear()
+        self._listing = None
+
+    def save_state(self, name: str, value: dict) -> None:
+        """Write the state file ``name`` (stats.json) of the output."""
+        atomic_write_json(self.output_dir / name, value)
+        if self.remote is not None:
+            self.remote.push(name)
+
+    def shard_stats(self, name: str) -> dict:
+        """The stats marker of shard ``name``, whole or one line saying what is wrong."""
+        if self.remote is None:
+            return read_state_json(self.shard_files(name).stats)  # type: ignore[return-value]
+        marker = self.shard_files(name).stats.name
+        stats = self.remote.read_json(marker)
+        if stats is None:
+            raise UserError(f"{self.location}/{marker} is missing; rerun the stage")
+        return stats
 
     def is_complete(self, name: str) -> bool:
         return self.complete_stats(name) is not None
@@ -97,36 +133,92 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
     ``shards`` is called once the output is locked and checked; it may use
     ``stage.is_complete`` to skip reading finished shards.
     """
-    out = stage.output_dir
-    check_output_location(out, stage.inputs)
-    check_ownership(out, stage.name)  # before the lock: leave a foreign directory untouched
-    with exclusive_output(out):
+    out, remote = stage.output_dir, stage.remote
+    if stage.ray is not None:
+        worker_count(stage.ray)  # a cluster that cannot place a worker: one line, before work
+    if remote is None:
+        check_output_location(out, stage.inputs)
+        check_ownership(out, stage.name)  # before the lock: leave a foreign directory untouched
+    else:
+        check_remote_ownership(remote, stage.name)
+    with exclusive_output(out) if remote is None else remote.lease():
+        if remote is not None:  # the run state, copied down: the local logic reads it there
+            remote.prepare_staging(remote.read_json(PLAN))
+            remote.pull(ROOT_STATS, *stage.run_files)
+        new_plan = not (out / PLAN).exists()
         check_plan(out, stage.plan)
+        if remote is not None and new_plan:
+            remote.push(PLAN)
         done = completed_run(stage)
         if done and not stage.reopen:
             return done
-        _mark_incomplete(out)  # from here on, no reader may take the output for complete
+        _mark_incomplete(stage)  # from here on, no reader may take the output for complete
         retried = stage.reopen(stage) if stage.reopen else 0
         stage.look_again()  # what reopen looked at, it may have changed
         if done and not retried:
-            atomic_write_json(out / ROOT_STATS, done.totals)  # nothing reopened: still complete
+            stage.save_state(ROOT_STATS, done.totals)  # nothing reopened: still complete
             return done
         progress = RunProgress(stage.total_rows, stage.quiet, unit=stage.unit)
         started = time.monotonic()
         planned: list[str] = []  # every shard the input yields, done or not
         todo = _unfinished(stage, shards(stage), progress, planned)
+        sink = ShardSink(out, stage.data_files, remote, stage.plan)
         try:
-            distribute(work, todo, stage.processes, progress)
+            if stage.ray is not None:
+                ray_distribute(work, todo, progress, stage.ray, sink)
+            else:
+                distribute(finishing(work, sink) if remote else work, todo, stage.processes,
+                           progress)  # fmt: skip
         finally:
             progress.close()
         return close_run(stage, planned, progress, started, retried)
 
 
 def path_argument(text: str, name: str = "OUTPUT_DIR") -> Path:
-    """A directory argument as a path; an empty one is refused (``Path("")`` would mean ``.``)."""
+    """A directory argument as a path; an empty one is refused (``Path("")`` would mean ``.``),
+    and so is an object-store URL (the commands that take one read it with
+    :func:`output_location` or :func:`input_location`)."""
     if not str(text).strip():
         raise UserError(f"{name} is empty; pass a directory")
+    if is_url(text):
+        raise UserError(
+            f"{name} {text}: this command reads and writes local paths; object-store URLs "
+            "work for download, preprocess, encode and labels classify"
+        )
     return Path(text)
+
+
+def output_location(text: str, name: str = "OUTPUT_DIR") -> tuple[Path, RemoteOutput | None]:
+    """Where a stage writes: a directory, or the staging directory of an object-store URL."""
+    if is_url(text):
+        remote = RemoteOutput(text)
+        return remote.staging, remote
+    return path_argument(text, name), None
+
+
+def input_location(text: str, name: str) -> Path:
+    """A stage's input as a local path: an object-store URL is copied to a local cache."""
+    if is_url(text):
+        return local_input(text)
+    return path_argument(text, name)
+
+
+def check_remote_ownership(remote: RemoteOutput, stage: str) -> None:
+    """:func:`check_ownership` for an object-store output."""
+    entries = sorted(name for name in remote.listing() if name != LEASE)
+    if not entries:
+        return
+    plan = remote.read_json(PLAN)
+    owner = None if plan is None else plan.get("stage")
+    if owner == stage:
+        return
+    if plan is not None:
+        raise UserError(
+            f"{remote.url} holds a {owner} output; write the {stage} output to another URL"
+        )
+    listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise UserError(f"{remote.url} is not empty and holds no vlmdata plan.json ({len(entries)} "
+                    f"objects: {listed}); write to an empty prefix")  # fmt: skip
 
 
 def check_output_location(out: Path, inputs: list[Path], name: str = "OUTPUT_DIR") -> None:
@@ -177,7 +269,7 @@ def completed_run(stage: Stage) -> RunSummary | None:
         return None
     if not all(_is_whole_state_file(stage.output_dir / name) for name in stage.run_files):
         return None
-    return RunSummary(str(stage.output_dir), root, nothing_to_do=True, hint=stage.hint)
+    return RunSummary(stage.location, root, nothing_to_do=True, hint=stage.hint)
 
 
 def close_run(
@@ -185,17 +277,21 @@ def close_run(
 ) -> RunSummary:
     """Total the shards ``names`` into ``stats.json`` and mark the run complete, if it is."""
     out = stage.output_dir
-    found = [stage.recheck(name) for name in names]  # most of them finished during the run
+    stage.look_again()  # most of them finished during the run
+    found = [stage.recheck(name) for name in names]
     # An unfinished shard still counts with what its marker says (a missing one is an error).
-    stats = [s if s is not None else read_state_json(stage.shard_files(name).stats)
+    stats = [s if s is not None else stage.shard_stats(name)
              for name, s in zip(names, found, strict=True)]  # fmt: skip
     totals = merge_stats(stats)
     complete = not stage.partial_input and all(s is not None for s in found)
     if complete and stage.before_complete:
-        stage.before_complete(out, names)
-    atomic_write_json(out / ROOT_STATS, {**totals, "shard_names": names, "complete": complete})
+        stage.before_complete(out, names, stats)
+        if stage.remote is not None:
+            for name in stage.run_files:
+                stage.remote.push(name)
+    stage.save_state(ROOT_STATS, {**totals, "shard_names": names, "complete": complete})
     return RunSummary(
-        str(out), totals,
+        stage.location, totals,
         elapsed_s=time.monotonic() - started,
         rows_this_run=sum(progress.status.values()),
         images_this_run=progress.status["success"],
@@ -217,7 +313,10 @@ def _unfinished(
             progress.skip(stats["rows"])
             files.journal.unlink(missing_ok=True)  # left by a kill just after the marker
             continue
-        _discard_stale(stage, files)
+        if stage.remote is None:
+            _discard_stale(stage, files)
+        else:
+            _discard_stale_remote(stage, shard.name)
         yield shard
 
 
@@ -238,6 +337,20 @@ def _discard_stale(stage: Stage, files: ShardFiles) -> None:
         files.retry_tar.unlink(missing_ok=True)
 
 
+def _discard_stale_remote(stage: Stage, name: str) -> None:
+    """:func:`_discard_stale` for a published shard: a marker that vouches for missing or
+    outdated objects goes first, then the outdated objects."""
+    assert stage.remote is not None and stage._listing is not None
+    files = stage.shard_files(name)
+    data = [files.data(suffix).name for suffix in stage.data_files]
+    if files.stats.name not in stage._listing:
+        return
+    stale_input = stage.input_markers is not None
+    stage.remote.delete(files.stats.name)
+    if stale_input:
+        stage.remote.delete(*(n for n in data if n in stage._listing))
+
+
 def _is_whole_state_file(path: Path) -> bool:
     try:
         return read_state_json(path, missing_ok=True) is not None
@@ -245,8 +358,7 @@ def _is_whole_state_file(path: Path) -> bool:
         return False  # damaged: written again by the run
 
 
-def _mark_incomplete(out: Path) -> None:
-    path = out / ROOT_STATS
-    root = read_state_json(path, missing_ok=True)
+def _mark_incomplete(stage: Stage) -> None:
+    root = read_state_json(stage.output_dir / ROOT_STATS, missing_ok=True)
     if root and root.get("complete"):
-        atomic_write_json(path, {**root, "complete": False})
+        stage.save_state(ROOT_STATS, {**root, "complete": False})

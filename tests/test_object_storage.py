@@ -1,0 +1,239 @@
+"""Outputs and inputs on an object store: moto's S3 server on 127.0.0.1 stands in for S3.
+
+A shard is published whole (data files, then its stats marker); a resume trusts only shards
+whose marker vouches for data files of the recorded sizes; the lock is a lease object."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import LoopbackServer, make_image, one_error_line
+from vlmdata.cli import app
+
+pytestmark = pytest.mark.usefixtures("quiet_random_weights")
+
+SHARD = 5
+RUNNER = CliRunner()
+TIMINGS = {"elapsed_s", "attempts"}
+
+
+def s3():
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def url_list(server: LoopbackServer, path: Path, count: int = 18) -> Path:
+    urls = [server.add_file(f"{i}.jpg", make_image(40 + i, 30, seed=i)) for i in range(count)]
+    urls.append(server.url("/img/missing.jpg"))
+    pq.write_table(pa.table({"image_url": urls, "capsfusion": [f"c{i}" for i in range(len(urls))]}),
+                   path)  # fmt: skip
+    return path
+
+
+def download_args(urls: str, out: str) -> list[str]:
+    return ["download", urls, out, "--shard-size", str(SHARD), "--allow-private-network",
+            "--timeout", "5", "--retries", "0", "--processes", "1", "--quiet"]  # fmt: skip
+
+
+def invoke(args: list[str]):
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def fetch(url: str, local: Path) -> Path:
+    """The objects under ``url``, copied into ``local``."""
+    fs = s3()
+    local.mkdir(parents=True)
+    for entry in fs.ls(url, detail=True):
+        fs.get_file(entry["name"], str(local / entry["name"].rsplit("/", 1)[-1]))
+    return local
+
+
+def records(out: Path) -> dict[str, dict]:
+    rows = {}
+    for parquet in sorted(out.glob("*.parquet")):
+        for row in pq.read_table(parquet).to_pylist():
+            assert row["key"] not in rows
+            rows[row["key"]] = {k: v for k, v in row.items() if k not in TIMINGS}
+    return rows
+
+
+def tar_members(out: Path) -> dict[str, bytes]:
+    members = {}
+    for path in sorted(out.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if not member.name.endswith(".json"):
+                    members[member.name] = tar.extractfile(member).read()
+    return members
+
+
+def test_download_to_s3_reads_back_as_a_local_run(server, bucket: str, tmp_path: Path):
+    urls = url_list(server, tmp_path / "urls.parquet")
+    invoke(download_args(str(urls), str(tmp_path / "local")))
+    out = f"{bucket}/shards"
+    result = invoke(download_args(str(urls), out))
+    assert f"-> {out}" in result.output
+    copy = fetch(out, tmp_path / "copy")
+    assert records(copy) == records(tmp_path / "local")
+    assert tar_members(copy) == tar_members(tmp_path / "local")
+    assert {p.name for p in copy.iterdir()} >= {"plan.json", "stats.json", "vlmdata.toml"}
+    assert not (copy / ".lease.json").exists()  # released at the end
+    assert json.loads((copy / "stats.json").read_text())["complete"] is True
+    hits = server.total_hits("/img/")
+    assert "Nothing to do" in invoke(download_args(str(urls), out)).output
+    assert server.total_hits("/img/") == hits
+
+
+def test_a_url_list_on_s3_is_read(server, bucket: str, tmp_path: Path):
+    urls = url_list(server, tmp_path / "urls.parquet", count=4)
+    s3().put_file(str(urls), f"{bucket}/lists/urls.parquet")
+    invoke(download_args(f"{bucket}/lists/urls.parquet", str(tmp_path / "out")))
+    assert len(records(tmp_path / "out")) == 5
+
+
+def published_shards(url: str) -> dict[str, int]:
+    try:
+        entries = s3().ls(url, detail=True)
+    except FileNotFoundError:  # nothing published yet
+        return {}
+    return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in entries}
+
+
+def test_an_interrupted_s3_run_leaves_only_whole_shards_and_resumes(
+    server: LoopbackServer, bucket: str, tmp_path: Path
+):
+    """Ctrl-C mid-run (SIGINT to a subprocess): every shard with a marker is whole, the lease
+    is released, and a rerun fetches only the shards not published."""
+    urls = url_list(server, tmp_path / "urls.parquet", count=29)
+    invoke(download_args(str(urls), str(tmp_path / "local")))
+    server.delay_s = 0.25
+    out = f"{bucket}/shards"
+    args = download_args(str(urls), out)
+    args[args.index("--processes") + 1] = "1"
+    run = subprocess.Popen([sys.executable, "-m", "vlmdata", *args, "--concurrency", "2"],
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(n.endswith(".stats.json") for n in published_shards(out)):
+        assert time.monotonic() < deadline and run.poll() is None, "no shard was published"
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    objects = published_shards(out)
+    assert ".lease.json" not in objects
+    markers = [n.removesuffix(".stats.json") for n in objects if n.endswith(".stats.json")]
+    assert 0 < len(markers) < 6
+    for name in markers:  # a marker vouches for whole data files
+        stats = json.loads(s3().cat_file(f"{out}/{name}.stats.json"))
+        assert stats["sizes"] == {".tar": objects[f"{name}.tar"], ".parquet":
+                                  objects[f"{name}.parquet"]}  # fmt: skip
+    server.delay_s = 0.0
+    before = dict(server.hits)
+    invoke(download_args(str(urls), out))
+    copy = fetch(out, tmp_path / "copy")
+    assert records(copy) == records(tmp_path / "local")
+    assert tar_members(copy) == tar_members(tmp_path / "local")
+    done_before = {row["url"] for name in markers
+                   for row in pq.read_table(copy / f"{name}.parquet").to_pylist()}  # fmt: skip
+    for url in done_before:  # what was published was not fetched again
+        path = url.split("127.0.0.1", 1)[1].split("/", 1)[1]
+        assert server.hits[f"/{path}"] == before.get(f"/{path}", 0)
+
+
+def test_damaged_or_unvouched_objects_are_redone(server, bucket: str, tmp_path: Path):
+    urls = url_list(server, tmp_path / "urls.parquet", count=14)
+    out = f"{bucket}/shards"
+    invoke(download_args(str(urls), out))
+    fs = s3()
+    fs.pipe_file(f"{out}/00000.tar", b"cut")  # a tar not of the size its marker records
+    fs.rm_file(f"{out}/00001.stats.json")  # data files nobody vouches for
+    hits = server.total_hits("/img/")
+    result = invoke(download_args(str(urls), out))
+    assert "this run: 10 rows" in result.output
+    assert server.total_hits("/img/") - hits == 10
+    copy = fetch(out, tmp_path / "copy")
+    assert len(records(copy)) == 15 and len(tar_members(copy)) == 14 * 2
+
+
+def test_a_held_lease_refuses_a_second_run_and_a_lapsed_one_is_taken(
+    server, bucket: str, tmp_path: Path
+):
+    urls = url_list(server, tmp_path / "urls.parquet", count=3)
+    out = f"{bucket}/shards"
+    lease = {"holder": "other-host:42:abcd", "expires": time.time() + 300}
+    s3().pipe_file(f"{out}/.lease.json", json.dumps(lease).encode())
+    line = one_error_line(RUNNER.invoke(app, download_args(str(urls), out)))
+    assert "another vlmdata run (other-host:42:abcd) holds" in line
+    lease["expires"] = time.time() - 1  # its run was killed outright: the lease lapsed
+    s3().pipe_file(f"{out}/.lease.json", json.dumps(lease).encode())
+    invoke(download_args(str(urls), out))
+    assert ".lease.json" not in published_shards(out)
+
+
+def test_a_prefix_holding_other_objects_is_refused(server, bucket: str, tmp_path: Path):
+    urls = url_list(server, tmp_path / "urls.parquet", count=3)
+    s3().pipe_file(f"{bucket}/mine/notes.txt", b"x")
+    line = one_error_line(RUNNER.invoke(app, download_args(str(urls), f"{bucket}/mine")))
+    assert "not empty and holds no vlmdata plan.json" in line
+    invoke(download_args(str(urls), f"{bucket}/dl"))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(make_image(20, 20, "PNG"))
+    line = one_error_line(RUNNER.invoke(app, ["preprocess", str(images), f"{bucket}/dl"]))
+    assert "holds a download output" in line
+
+
+def test_encode_from_s3_to_s3_writes_the_local_features(server, bucket: str, tmp_path: Path):
+    urls = url_list(server, tmp_path / "urls.parquet", count=9)
+    invoke(download_args(str(urls), f"{bucket}/dl"))
+    encode = ["--model", "tiny-random-clip", "--pretrained", "none", "--workers", "0",
+              "--no-placeholder-filter", "--quiet"]  # fmt: skip
+    invoke(["encode", f"{bucket}/dl", f"{bucket}/enc", *encode])
+    copy = fetch(f"{bucket}/dl", tmp_path / "dl")
+    invoke(["encode", str(copy), str(tmp_path / "local"), *encode])
+    features = fetch(f"{bucket}/enc", tmp_path / "enc")
+    names = sorted(p.name for p in (tmp_path / "local").glob("*.h5"))
+    assert names == sorted(p.name for p in features.glob("*.h5")) and names
+    for name in names:
+        with h5py.File(features / name) as a, h5py.File(tmp_path / "local" / name) as b:
+            for key in ("keys", "tokens", "embeds"):
+                assert np.array_equal(a[key][...], b[key][...])
+    manifest = json.loads((features / "manifest.json").read_text())
+    assert manifest["rows"] == 9
+    assert "Nothing to do" in invoke(["encode", f"{bucket}/dl", f"{bucket}/enc", *encode]).output
+
+
+def test_commands_without_object_store_support_refuse_a_url(tmp_path: Path):
+    line = one_error_line(RUNNER.invoke(app, ["report", "s3://bucket/run"]))
+    assert "this command reads and writes local paths" in line
+
+
+def test_an_unknown_protocol_is_one_line(tmp_path: Path):
+    line = one_error_line(RUNNER.invoke(app, ["encode", "nosuch://x/y", str(tmp_path / "o")]))
+    assert "nosuch://" in line
+
+
+def test_without_s3fs_the_error_names_the_extra(tmp_path: Path):
+    """In a process of its own: fsspec keeps the S3 class once this one has imported it."""
+    blocked = "import sys; sys.modules['s3fs'] = None; from vlmdata.cli import app; app()"
+    run = subprocess.run([sys.executable, "-c", blocked, "encode", str(tmp_path), "s3://b/x"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "s3:// needs s3fs; pip install 'vlmdata[s3]'" in run.stderr

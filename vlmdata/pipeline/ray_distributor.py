@@ -1,0 +1,295 @@
+"""Run a stage's shard worker on a Ray cluster (``--distributor ray``).
+
+Each Ray worker is an actor that runs the stage's own work function, exactly as a local worker
+process does: built once (an encoder loads its model once), fed shard after shard. Every shard
+is one actor task, ``run(shard)``, which returns when the shard is done (its stats marker
+complete, and published when the output is an object store), so the output files are the
+local run's. Ray does the rest: placing actors by their CPUs and GPUs, restarting an actor
+that died and retrying its shards (``--max-shard-retries``), moving shards and reports through
+its object store. Rows reported by the workers reach one progress bar here through a Ray queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vlmdata.errors import MachineFailure, UserError
+from vlmdata.pipeline.distributor import Progress, Shard, Work, WorkerError, _Failure
+from vlmdata.pipeline.finishing import ShardSink, ShardWatcher
+
+_POLL_S = 0.2
+_FLUSH_S = 0.5
+_FLUSH_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How a stage runs on Ray."""
+
+    address: str | None = None  # None: RAY_ADDRESS, else a running cluster, else a local one
+    workers: int | None = None  # actors; None: as many as the cluster's CPUs or GPUs fit
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_shard_retries: int = 3
+    shards_per_worker: int = 2  # handed to an actor at once: the next waits while one runs
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_worker < 0 or not math.isfinite(self.gpus_per_worker):
+            raise UserError("--gpus-per-worker must be 0 or more (fractions share a GPU)")
+        if self.max_shard_retries < 0:
+            raise UserError("--max-shard-retries must be 0 or more")
+        if self.workers is not None and self.workers < 1:
+            raise UserError("the number of Ray workers must be at least 1")
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or one line naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "--distributor ray needs Ray; pip install 'vlmdata[ray]' (or use --distributor local)"
+        ) from None
+    return ray
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or one running on this machine),
+    else start a local one bound to 127.0.0.1 (stopped when this process exits). Ray once
+    initialised in this process (by an earlier stage, or by a caller) is used as it is."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+            return
+        try:
+            ray.init(address="auto", **quiet)
+        except ConnectionError:  # no cluster running here: one of our own, on loopback only
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
+    except ConnectionError as e:
+        raise UserError(f"cannot join the Ray cluster at {address} ({e}); check "
+                        "--ray-address or RAY_ADDRESS") from None  # fmt: skip
+
+
+def on_cluster(fn: Callable[..., Any], *args: Any, gpus: float = 0.0) -> Any:
+    """``fn(*args)`` run once on a cluster worker with ``gpus`` GPUs (what ``auto`` means
+    there, when the driver has no GPU)."""
+    ray = import_ray()
+    return ray.get(ray.remote(num_cpus=0, num_gpus=gpus)(fn).remote(*args))
+
+
+def worker_count(options: RayOptions) -> int:
+    """Join the cluster and count the actors to start: as given, or as many as the cluster's
+    GPUs (or CPUs) fit; one line when the cluster cannot place one."""
+    ray = import_ray()
+    connect(options.address)
+    resources = ray.cluster_resources()
+    if options.gpus_per_worker > 0:
+        gpus = resources.get("GPU", 0)
+        if gpus < options.gpus_per_worker:
+            raise UserError(
+                f"--gpus-per-worker {options.gpus_per_worker:g} but the Ray cluster has "
+                f"{gpus:g} GPUs; add GPU nodes, lower it, or pass --gpus-per-worker 0"
+            )
+        fit = int(gpus // options.gpus_per_worker)
+    else:
+        fit = int(resources.get("CPU", 1) // max(options.cpus_per_worker, 1e-9))
+    return options.workers or max(1, fit)
+
+
+def ray_distribute(
+    work: Work, shards: Iterator[Shard], progress: Progress, options: RayOptions, sink: ShardSink
+) -> None:
+    """Run ``work`` over ``shards`` on Ray actors, reporting to ``progress``; returns once every
+    shard is done, raises the first failure (a worker's UserError as itself)."""
+    ray = import_ray()
+    from ray.util.queue import Queue
+
+    limit = worker_count(options)
+    reports = Queue(actor_options={"num_cpus": 0})
+    # What a worker is made of travels with each task, not with the actor: a restarted actor
+    # gets it from the retried task (constructor arguments would have to outlive the actor).
+    setup = ray.put((work, sink, reports.actor))
+    actor_class = ray.remote(_ShardWorker).options(
+        num_cpus=options.cpus_per_worker,
+        num_gpus=options.gpus_per_worker,
+        max_restarts=options.max_shard_retries,
+        max_task_retries=options.max_shard_retries,
+        max_concurrency=options.shards_per_worker + 1,  # + close()
+    )
+    actors: list[Any] = []
+    load: list[int] = []
+    in_flight: dict[Any, tuple[int, str]] = {}
+    try:
+        pending = iter(shards)
+        exhausted = False
+        while True:
+            while not exhausted and (len(actors) < limit or min(load) < options.shards_per_worker):
+                shard = next(pending, None)
+                if shard is None:
+                    exhausted = True
+                    break
+                if len(actors) < limit and (not load or min(load) > 0):
+                    actors.append(actor_class.remote())
+                    load.append(0)
+                index = load.index(min(load))
+                in_flight[actors[index].run.remote(setup, shard)] = (index, shard.name)
+                load[index] += 1
+            if exhausted and not in_flight:
+                break
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
+            _drain(reports, progress)
+            for ref in done:
+                index, name = in_flight.pop(ref)
+                load[index] -= 1
+                _raise_failure(ray, ref, name, options)
+        for failure in ray.get([actor.close.remote() for actor in actors]):
+            if failure is not None:
+                raise failure.exception()
+        _drain(reports, progress)
+    finally:
+        for actor in actors:
+            ray.kill(actor)  # stops its work at once; an unfinished shard resumes next run
+        ray.kill(reports.actor)
+
+
+def _raise_failure(ray: Any, ref: Any, name: str, options: RayOptions) -> None:
+    try:
+        failure = ray.get(ref)
+    except ray.exceptions.RayActorError as e:
+        raise MachineFailure(
+            f"shard {name}: its Ray worker died {options.max_shard_retries + 1} times "
+            f"({type(e).__name__}); see the Ray logs, raise --max-shard-retries or fix the "
+            "node, then rerun the same command to resume"
+        ) from None
+    if failure is not None:
+        raise failure.exception()
+
+
+def _drain(reports: Any, progress: Progress) -> None:
+    while True:
+        try:
+            batches = reports.get_nowait_batch(max(1, reports.qsize()))
+        except Exception:  # ray.util.queue.Empty
+            return
+        if not batches:
+            return
+        for batch in batches:
+            for status, error_kind, nbytes in batch:
+                if status == "skip":
+                    progress.skip(nbytes)
+                else:
+                    progress.record(status, error_kind, nbytes)
+
+
+class _ShardWorker:
+    """One Ray actor: runs the stage's work on a thread over the shards its tasks hand it."""
+
+    def __init__(self) -> None:
+        self.todo: queue.Queue = queue.Queue()
+        self.failure: _Failure | None = None
+        self.loop: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def run(self, setup: tuple[Work, ShardSink, Any], shard: Shard) -> _Failure | None:
+        """Hand ``shard`` to the work and return once it is done (None) or the work failed."""
+        with self.lock:
+            if self.loop is None:
+                self._start(*setup)
+        if (stats := self.sink.done_stats(shard.name)) is not None:
+            self.sink.finish(shard.name)  # done by an attempt that died before publishing
+            self.progress.skip(stats["rows"])
+            return None
+        done = self.watcher.expect(shard.name)
+        self.todo.put(shard)
+        while not done.wait(0.05):
+            if self.watcher.failure is not None:
+                return _Failure.of(_as_exception(self.watcher.failure))
+            if not self.loop.is_alive():
+                break
+        self.progress.flush()
+        if done.is_set():
+            return None
+        return self.failure or _Failure.of(
+            WorkerError(f"the work stopped before shard {shard.name} was done")
+        )
+
+    def close(self) -> _Failure | None:
+        """End the work (it returns as at the end of a local run) and send the last rows."""
+        if self.loop is None:
+            return None
+        self.todo.put(None)
+        self.loop.join()
+        try:
+            self.watcher.close()
+        except Exception as e:
+            self.failure = self.failure or _Failure.of(e)
+        self.progress.flush()
+        return self.failure
+
+    def _start(self, work: Work, sink: ShardSink, reports: Any) -> None:
+        # ``reports``: the queue's actor (a Queue object would be kept in the object store).
+        if sink.remote is not None:
+            sink.remote.prepare_staging(sink.plan)
+        self.work, self.sink = work, sink
+        self.progress = _QueueProgress(reports)
+        self.watcher = ShardWatcher(sink)
+        self.loop = threading.Thread(target=self._work, name="vlmdata-work", daemon=True)
+        self.loop.start()
+
+    def _work(self) -> None:
+        try:
+            self.work(iter(self.todo.get, None), self.progress)
+        except Exception as e:
+            self.failure = _Failure.of(e)
+
+
+def _as_exception(error: BaseException) -> Exception:
+    return error if isinstance(error, Exception) else WorkerError(repr(error))
+
+
+class _QueueProgress:
+    """A worker's Progress: rows in batches onto the driver's Ray queue."""
+
+    def __init__(self, reports: Any) -> None:
+        self.reports = reports
+        self.buffer: list[tuple[str, str | None, int]] = []
+        self.flushed = time.monotonic()
+        self.lock = threading.Lock()
+
+    def skip(self, rows: int) -> None:
+        self._add([("skip", None, rows)])
+
+    def record(self, status: str, error_kind: str | None, nbytes: int) -> None:
+        self._add([(status, error_kind, nbytes)])
+
+    def record_many(self, status: str, rows: int) -> None:
+        self._add([(status, None, 0)] * rows)
+
+    def _add(self, rows: list[tuple[str, str | None, int]]) -> None:
+        with self.lock:
+            self.buffer.extend(rows)
+            due = len(self.buffer) >= _FLUSH_ROWS or time.monotonic() - self.flushed > _FLUSH_S
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            batch, self.buffer = self.buffer, []
+            self.flushed = time.monotonic()
+        if batch:
+            import ray
+
+            ray.get(self.reports.put.remote(batch))  # delivered before a task returns
