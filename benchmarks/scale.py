@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -165,6 +166,7 @@ def main() -> None:
         )
         modes = {"local": None, "ray x1": RayOptions(workers=1), "ray x2": RayOptions(workers=2)}
         download(url_list, tmp / "warm", args.shard_size, RayOptions(workers=1))  # imports, pools
+        shutil.rmtree(tmp / "warm")
         times: dict[str, list[float]] = {mode: [] for mode in modes}
         local_cpu = []
         for repeat in range(args.repeats):
@@ -174,6 +176,7 @@ def main() -> None:
                 times[mode].append(download(url_list, out, args.shard_size, options))
                 if options is None:
                     local_cpu.append(cpu_seconds() - cpu)
+                shutil.rmtree(out)  # a run's images: gigabytes
                 print(
                     f"  {mode:7s} run {repeat + 1}: {times[mode][-1]:6.1f} s "
                     f"({args.rows / times[mode][-1]:,.0f} rows/s)",

@@ -237,3 +237,36 @@ def test_without_s3fs_the_error_names_the_extra(tmp_path: Path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert "s3:// needs s3fs; pip install 'vlmdata[s3]'" in run.stderr
+
+
+def test_an_input_cache_places_shard_tars_and_fetches_them_where_they_are_read(
+    bucket: str, tmp_path: Path, monkeypatch
+):
+    from vlmdata.pipeline.storage import InputCache
+
+    fs = s3()
+    fs.pipe_file(f"{bucket}/in/plan.json", b'{"stage": "download"}')
+    fs.pipe_file(f"{bucket}/in/00000.tar", b"t" * 5000)
+    fs.pipe_file(f"{bucket}/in/00000.parquet", b"p" * 300)
+    fs.pipe_file(f"{bucket}/in/00000.stats.json", b"{}")
+    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "planner"))
+    root = InputCache(f"{bucket}/in").sync(lazy=(".tar", ".parquet"))
+    tar = root / "00000.tar"
+    assert (root / "plan.json").read_bytes() == b'{"stage": "download"}'
+    assert tar.stat().st_size == 5000 and tar.read_bytes() == bytes(5000)  # placed, not fetched
+    InputCache(f"{bucket}/in").fetch_shard(tar)
+    assert tar.read_bytes() == b"t" * 5000 and (root / "00000.parquet").read_bytes() == b"p" * 300
+    assert not [p for p in root.iterdir() if p.name.endswith(".pending")]
+    # Another machine: nothing cached there, the worker fetches the shard it is handed.
+    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "worker"))
+    elsewhere = InputCache(f"{bucket}/in")
+    elsewhere.fetch_shard(elsewhere.root / "00000.tar")
+    assert (elsewhere.root / "00000.tar").read_bytes() == b"t" * 5000
+    assert (elsewhere.root / "00000.stats.json").read_bytes() == b"{}"
+    # A shard rewritten at the URL is placed again, then fetched anew.
+    fs.pipe_file(f"{bucket}/in/00000.tar", b"u" * 4000)
+    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "planner"))
+    cache = InputCache(f"{bucket}/in")
+    cache.sync(lazy=(".tar", ".parquet"))
+    cache.fetch_shard(tar)
+    assert tar.read_bytes() == b"u" * 4000

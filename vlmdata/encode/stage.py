@@ -120,7 +120,7 @@ class EncodeConfig:
 
 def run_encode(config: EncodeConfig) -> RunSummary:
     """Encode every image of ``config.input_dir`` into HDF5 shards under ``config.output_dir``."""
-    source = input_location(config.input_dir, "INPUT_DIR")
+    source, cache = input_location(config.input_dir, "INPUT_DIR", lazy=(".tar", ".parquet"))
     out, remote = output_location(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
     if remote is None:
@@ -165,6 +165,7 @@ def run_encode(config: EncodeConfig) -> RunSummary:
         before_complete=lambda out, names, stats: _write_manifest(out, names, stats, attrs),
         run_files=("manifest.json",),
         remote=remote,
+        input_cache=cache,
         ray=config.ray,
     )
     return run_stage(stage, lambda stage: images.shards, work)
@@ -219,8 +220,10 @@ class EncodeWork:
         made = _attributes(config, clip, features, self.references, self.precision)
         if made != self.attrs:  # another vlmdata or weights on this worker: not one cache
             changed = next(k for k in self.attrs if made.get(k) != self.attrs[k])
-            raise UserError(f"a Ray worker's {config.model} differs from the driver's in "
-                            f"{changed}; install the same vlmdata and weights on every node")
+            raise UserError(
+                f"a Ray worker's {config.model} differs from the driver's in "
+                f"{changed}; install the same vlmdata and weights on every node"
+            )
         return _ShardEncoder(config, clip, features, self.attrs, self.references)
 
 

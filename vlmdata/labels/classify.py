@@ -92,7 +92,7 @@ class ClassifyConfig:
 
 def run_classify(config: ClassifyConfig) -> RunSummary:
     """Label every embedding of ``config.features_dir`` into ``config.output_dir``."""
-    source = input_location(config.features_dir, "FEATURES_DIR")
+    source, cache = input_location(config.features_dir, "FEATURES_DIR")
     out, remote = output_location(config.output_dir)
     features = open_features(source, config.allow_incomplete)
     check_model_flag(features.model, config.model)
@@ -126,6 +126,7 @@ def run_classify(config: ClassifyConfig) -> RunSummary:
         partial_input=features.partial,
         input_markers={shard.name: shard.marker for shard in features.shards},
         remote=remote,
+        input_cache=cache,
         ray=config.ray,
     )
 

@@ -61,7 +61,7 @@ from vlmdata.pipeline.shards import (
 )
 from vlmdata.pipeline.sources import Shard, UrlSource
 from vlmdata.pipeline.stats import RunSummary
-from vlmdata.pipeline.storage import is_url, local_input
+from vlmdata.pipeline.storage import InputCache, is_url
 
 
 @dataclass
@@ -125,7 +125,7 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
     if remote is not None and config.retry_failed:
         raise UserError("--retry-failed rewrites finished shards in place and needs a local "
                         "OUTPUT_DIR; rerun it where the shards are on disk")  # fmt: skip
-    input_text = str(local_input(config.input)) if is_url(config.input) else config.input
+    input_text = str(InputCache(config.input).sync()) if is_url(config.input) else config.input
     source = UrlSource(
         input_text, config.url_col, config.caption_col, config.keep_cols,
         config.input_format, config.limit,

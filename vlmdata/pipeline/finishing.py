@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vlmdata.pipeline.distributor import Progress, Shard, Work
 from vlmdata.pipeline.shards import ShardFiles, complete_shard_stats
-from vlmdata.pipeline.storage import RemoteOutput
+from vlmdata.pipeline.storage import InputCache, RemoteOutput
 
 _POLL_S = 0.05
 
@@ -30,6 +30,13 @@ class ShardSink:
     data_files: tuple[str, ...]
     remote: RemoteOutput | None = None
     plan: dict | None = None  # the run's plan: staging made for another plan is discarded
+    input_cache: InputCache | None = None  # an input at a URL, fetched shard by shard
+
+    def fetch_input(self, shard: Shard) -> None:
+        """Fetch what the work reads of ``shard`` from an input at a URL, on this machine."""
+        tar = getattr(shard, "tar", None)
+        if self.input_cache is not None and tar is not None:
+            self.input_cache.fetch_shard(tar)
 
     def done_stats(self, name: str) -> dict | None:
         return complete_shard_stats(ShardFiles(self.out, name), self.data_files)
@@ -104,6 +111,7 @@ def _run_finishing(work: Work, sink: ShardSink, shards: Iterator[Shard], progres
                 sink.finish(shard.name)  # done by a run stopped before it published it
                 progress.skip(stats["rows"])
                 continue
+            sink.fetch_input(shard)
             watcher.expect(shard.name)
             yield shard
 

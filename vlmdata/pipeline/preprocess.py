@@ -78,7 +78,7 @@ class PreprocessConfig:
 
 def run_preprocess(config: PreprocessConfig) -> RunSummary:
     """Square every image of ``config.input_dir`` into shards under ``config.output_dir``."""
-    source = input_location(config.input_dir, "INPUT_DIR")
+    source, cache = input_location(config.input_dir, "INPUT_DIR", lazy=(".tar", ".parquet"))
     out, remote = output_location(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
     stage = Stage(
@@ -95,6 +95,7 @@ def run_preprocess(config: PreprocessConfig) -> RunSummary:
         partial_input=images.partial,
         input_markers={shard.name: input_marker(shard) for shard in images.shards},
         remote=remote,
+        input_cache=cache,
         ray=config.ray,
     )
     work = partial(preprocess_shards, replace(config, ray=None), str(out))

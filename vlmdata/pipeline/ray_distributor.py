@@ -155,6 +155,12 @@ def ray_distribute(
                 index, name = in_flight.pop(ref)
                 load[index] -= 1
                 _raise_failure(ray, ref, name, options)
+                if sink.remote is None and sink.done_stats(name) is None:
+                    raise UserError(
+                        f"shard {name} was written where this machine cannot see it: on a "
+                        "cluster, OUTPUT_DIR must be on a filesystem every node shares, or an "
+                        "object-store URL (s3://...)"
+                    )
         for failure in ray.get([actor.close.remote() for actor in actors]):
             if failure is not None:
                 raise failure.exception()
@@ -212,6 +218,7 @@ class _ShardWorker:
             self.sink.finish(shard.name)  # done by an attempt that died before publishing
             self.progress.skip(stats["rows"])
             return None
+        self.sink.fetch_input(shard)
         done = self.watcher.expect(shard.name)
         self.todo.put(shard)
         while not done.wait(0.05):

@@ -32,7 +32,7 @@ from vlmdata.pipeline.shards import (
     stage_of,
 )
 from vlmdata.pipeline.stats import RunProgress, RunSummary, merge_stats
-from vlmdata.pipeline.storage import LEASE, RemoteOutput, is_url, local_input
+from vlmdata.pipeline.storage import LEASE, InputCache, RemoteOutput, is_url
 
 S = TypeVar("S", bound=Named)
 
@@ -66,6 +66,7 @@ class Stage:
     input_markers: dict[str, str | None] | None = None
     # An object-store output: output_dir is its local staging, shards are published there.
     remote: RemoteOutput | None = None
+    input_cache: InputCache | None = None  # an input at a URL: workers fetch shards from it
     ray: RayOptions | None = None  # --distributor ray: run the work on Ray actors
 
     # What this run found of each shard when it first looked (complete_stats), so a run reads
@@ -162,13 +163,13 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
         started = time.monotonic()
         planned: list[str] = []  # every shard the input yields, done or not
         todo = _unfinished(stage, shards(stage), progress, planned)
-        sink = ShardSink(out, stage.data_files, remote, stage.plan)
+        sink = ShardSink(out, stage.data_files, remote, stage.plan, stage.input_cache)
         try:
             if stage.ray is not None:
                 ray_distribute(work, todo, progress, stage.ray, sink)
             else:
-                distribute(finishing(work, sink) if remote else work, todo, stage.processes,
-                           progress)  # fmt: skip
+                wrapped = finishing(work, sink) if remote or stage.input_cache else work
+                distribute(wrapped, todo, stage.processes, progress)
         finally:
             progress.close()
         return close_run(stage, planned, progress, started, retried)
@@ -196,11 +197,15 @@ def output_location(text: str, name: str = "OUTPUT_DIR") -> tuple[Path, RemoteOu
     return path_argument(text, name), None
 
 
-def input_location(text: str, name: str) -> Path:
-    """A stage's input as a local path: an object-store URL is copied to a local cache."""
+def input_location(
+    text: str, name: str, lazy: tuple[str, ...] = ()
+) -> tuple[Path, InputCache | None]:
+    """A stage's input as a local path: an object-store URL becomes its local cache (files
+    with a ``lazy`` suffix fetched by the worker that reads them, see :class:`InputCache`)."""
     if is_url(text):
-        return local_input(text)
-    return path_argument(text, name)
+        cache = InputCache(text)
+        return cache.sync(lazy), cache
+    return path_argument(text, name), None
 
 
 def check_remote_ownership(remote: RemoteOutput, stage: str) -> None:

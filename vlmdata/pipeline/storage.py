@@ -10,8 +10,9 @@ the shard is done again. Run state (``plan.json``, ``stats.json``, a manifest) i
 before the run and up as it changes. The two-runs-one-directory lock becomes a *lease*: an
 object naming its holder and an expiry, renewed while the run lives.
 
-Inputs at URLs are copied to a local cache first (files already there with the same size are
-kept), then read as local files.
+An input at a URL becomes a local cache (:class:`InputCache`, the same path on every machine):
+the files that planning reads are fetched, shard tars only placed, and each worker fetches the
+shards it is handed, so no machine holds more of the input than its own share.
 """
 
 from __future__ import annotations
@@ -259,47 +260,98 @@ class RemoteOutput:
         self.fs.pipe_file(self.key(LEASE), json.dumps(body).encode())
 
 
-def local_input(location: str | os.PathLike) -> Path:
-    """A local path for an input: itself, or for a URL the local cache of its file or
-    directory, brought up to date: a file is fetched again when its size or version (ETag or
-    modification time) changed, and one removed at the URL is removed from the cache."""
-    if not is_url(location):
-        return Path(location)
-    fs, path = open_filesystem(str(location))
-    cache = staging_root() / f"in-{_digest(str(location))}"
-    try:
-        single = fs.isfile(path)
-        if single:
-            entries = {path: fs.info(path)}
-            base = path.rsplit("/", 1)[0]
-        else:
-            entries, base = fs.find(path, detail=True), path
-    except OSError as e:
-        raise UserError(f"cannot read {location} ({e}); check the URL and credentials") from None
-    if not entries:
-        raise UserError(f"{location} does not exist or is empty; check the URL")
-    index_path = cache / ".index.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    wanted = {}
-    for name, entry in entries.items():
-        relative = name[len(base) :].lstrip("/")
-        if not relative or any(part.startswith(".") for part in relative.split("/")):
-            continue
-        version = [
-            int(entry.get("size") or 0),
-            str(entry.get("ETag") or entry.get("mtime") or entry.get("LastModified") or ""),
-        ]
-        target = cache / relative
-        if index.get(relative) != version or not target.is_file():
+# Beside a shard's tar: what a worker reads of the input shard (expected keys, its marker).
+_SHARD_SIBLINGS = (".tar", ".parquet", ".stats.json", "_stats.json")
+
+
+@dataclass
+class InputCache:
+    """The local copy of an input at an object-store URL, at the same path on every machine.
+
+    :meth:`sync` brings it up to date on the machine that plans the run: a file is fetched
+    again when its size or version (ETag or modification time) changed, one removed at the URL
+    is removed here. Files with a ``lazy`` suffix (shard tars: the bulk of an input) are only
+    *placed*: an empty sparse file of the right size beside a ``.NAME.pending`` mark, which is
+    all planning reads of them; :meth:`fetch_shard` fetches a shard's files where its work
+    runs, just before."""
+
+    url: str
+    root: Path = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        if self.root is None:
+            self.root = staging_root() / f"in-{_digest(self.url)}"
+
+    def sync(self, lazy: tuple[str, ...] = ()) -> Path:
+        """Bring the cache up to date; the local path of the input (file or directory)."""
+        fs, path = open_filesystem(self.url)
+        try:
+            single = fs.isfile(path)
+            if single:
+                entries, base = {path: fs.info(path)}, path.rsplit("/", 1)[0]
+            else:
+                entries, base = fs.find(path, detail=True), path
+        except OSError as e:
+            raise UserError(
+                f"cannot read {self.url} ({e}); check the URL and credentials"
+            ) from None
+        if not entries:
+            raise UserError(f"{self.url} does not exist or is empty; check the URL")
+        index_path = self.root / ".index.json"
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            index = {}
+        wanted = {}
+        for name, entry in entries.items():
+            relative = name[len(base) :].lstrip("/")
+            if not relative or any(part.startswith(".") for part in relative.split("/")):
+                continue
+            size = int(entry.get("size") or 0)
+            version = [size, str(entry.get("ETag") or entry.get("mtime") or
+                                 entry.get("LastModified") or "")]  # fmt: skip
+            target = self.root / relative
+            if index.get(relative) != version or not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not single and relative.endswith(lazy):
+                    _pending(target).touch()  # first: a placed file never looks fetched
+                    with open(target, "wb") as f:
+                        f.truncate(size)
+                else:
+                    self._fetch(fs, name, target)
+            wanted[relative] = version
+        for relative in set(index) - set(wanted):
+            (self.root / relative).unlink(missing_ok=True)
+            _pending(self.root / relative).unlink(missing_ok=True)
+        atomic_write_bytes(index_path, json.dumps(wanted).encode())
+        return self.root / path[len(base) :].lstrip("/") if single else self.root
+
+    def fetch_shard(self, tar: Path) -> None:
+        """Fetch the files of the input shard ``tar`` that this machine lacks or only placed."""
+        if not tar.is_relative_to(self.root):
+            return
+        fs, path = open_filesystem(self.url)
+        for suffix in _SHARD_SIBLINGS:
+            target = tar.with_name(f"{tar.stem}{suffix}")
+            if target.is_file() and not _pending(target).exists():
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.part")
+            with contextlib.suppress(FileNotFoundError):  # not every shard has every sibling
+                self._fetch(fs, f"{path}/{target.relative_to(self.root)}", target)
+
+    @staticmethod
+    def _fetch(fs: Any, name: str, target: Path) -> None:
+        partial = target.with_name(f".{target.name}.part")
+        try:
             fs.get_file(name, str(partial))
-            os.replace(partial, target)
-        wanted[relative] = version
-    for relative in set(index) - set(wanted):
-        (cache / relative).unlink(missing_ok=True)
-    atomic_write_bytes(index_path, json.dumps(wanted).encode())
-    return cache / path[len(base) :].lstrip("/") if single else cache
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise UserError(f"cannot read {name} ({e}); check the URL and credentials") from None
+        os.replace(partial, target)
+        _pending(target).unlink(missing_ok=True)
+
+
+def _pending(path: Path) -> Path:
+    return path.with_name(f".{path.name}.pending")
