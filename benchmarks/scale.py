@@ -98,11 +98,12 @@ def model_cluster(args: argparse.Namespace, per_core: float, mean_bytes: float) 
     print(f"  download CPU cost: {per_core:,.0f} rows/s a core (measured here: the local run's "
           "CPU time, the corpus server's not counted; --resize costs ~4x more)")  # fmt: skip
     cpu_bound = per_core * args.cores
-    net_bound = args.gbit * 1e9 / 8 / mean_bytes
-    node = min(cpu_bound, net_bound)
+    net_bound = args.gbit * 1e9 / 8 / mean_bytes  # images/s; a dead URL costs no bytes
+    node = min(cpu_bound, net_bound / args.success)
     print(
         f"  per node ({args.cores} cores, {args.gbit:g} Gbit/s): CPU bound {cpu_bound:,.0f} "
-        f"rows/s, network bound {net_bound:,.0f} images/s -> {node:,.0f} rows/s"
+        f"rows/s, network bound {net_bound:,.0f} images/s = {net_bound / args.success:,.0f} "
+        f"rows/s -> {node:,.0f} rows/s"
     )
     total = node * args.nodes
     hours = CAPSFUSION_ROWS / total / 3600
