@@ -6,6 +6,7 @@ whose marker vouches for data files of the recorded sizes; the lock is a lease o
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -250,23 +251,138 @@ def test_an_input_cache_places_shard_tars_and_fetches_them_where_they_are_read(
     fs.pipe_file(f"{bucket}/in/00000.parquet", b"p" * 300)
     fs.pipe_file(f"{bucket}/in/00000.stats.json", b"{}")
     monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "planner"))
-    root = InputCache(f"{bucket}/in").sync(lazy=(".tar", ".parquet"))
+    cache = InputCache(f"{bucket}/in")
+    root = cache.sync(lazy=(".tar", ".parquet"))
     tar = root / "00000.tar"
     assert (root / "plan.json").read_bytes() == b'{"stage": "download"}'
     assert tar.stat().st_size == 5000 and tar.read_bytes() == bytes(5000)  # placed, not fetched
-    InputCache(f"{bucket}/in").fetch_shard(tar)
+    cache.fetch_shard(tar)
     assert tar.read_bytes() == b"t" * 5000 and (root / "00000.parquet").read_bytes() == b"p" * 300
     assert not [p for p in root.iterdir() if p.name.endswith(".pending")]
     # Another machine: nothing cached there, the worker fetches the shard it is handed.
-    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "worker"))
-    elsewhere = InputCache(f"{bucket}/in")
+    elsewhere = InputCache(cache.url, root=tmp_path / "worker", versions=cache.versions)
     elsewhere.fetch_shard(elsewhere.root / "00000.tar")
     assert (elsewhere.root / "00000.tar").read_bytes() == b"t" * 5000
     assert (elsewhere.root / "00000.stats.json").read_bytes() == b"{}"
     # A shard rewritten at the URL is placed again, then fetched anew.
     fs.pipe_file(f"{bucket}/in/00000.tar", b"u" * 4000)
-    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "planner"))
-    cache = InputCache(f"{bucket}/in")
     cache.sync(lazy=(".tar", ".parquet"))
+    assert tar.read_bytes() == bytes(4000)
     cache.fetch_shard(tar)
     assert tar.read_bytes() == b"u" * 4000
+    # Removed at the URL: removed here.
+    fs.rm_file(f"{bucket}/in/00000.parquet")
+    cache.sync(lazy=(".tar", ".parquet"))
+    assert not (root / "00000.parquet").exists()
+
+
+def test_the_record_of_an_s3_run_runs_it_again(server, bucket: str, tmp_path: Path):
+    urls = url_list(server, tmp_path / "urls.parquet", count=3)
+    out = f"{bucket}/shards"
+    invoke(download_args(str(urls), out))
+    record = s3().cat_file(f"{out}/vlmdata.toml").decode()
+    assert f"--config {out}/vlmdata.toml" in record
+    again = invoke(["download", "--config", f"{out}/vlmdata.toml"])
+    assert "Nothing to do" in again.output
+
+
+def test_a_placed_input_shard_removed_before_its_fetch_is_one_line(bucket: str, monkeypatch,
+                                                                    tmp_path: Path):  # fmt: skip
+    from vlmdata.errors import UserError
+    from vlmdata.pipeline.storage import InputCache
+
+    fs = s3()
+    fs.pipe_file(f"{bucket}/in/00000.tar", b"t" * 1000)
+    fs.pipe_file(f"{bucket}/in/00000.stats.json", b"{}")
+    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path))
+    cache = InputCache(f"{bucket}/in")
+    root = cache.sync(lazy=(".tar",))
+    fs.rm_file(f"{bucket}/in/00000.tar")  # gone between planning and the worker
+    with pytest.raises(UserError, match="was removed since this run read the input"):
+        cache.fetch_shard(root / "00000.tar")
+
+
+def test_a_worker_fetches_the_planned_version_not_the_one_it_holds(bucket: str, monkeypatch,
+                                                                   tmp_path: Path):  # fmt: skip
+    import pickle
+
+    from vlmdata.pipeline.storage import InputCache
+
+    fs = s3()
+    fs.pipe_file(f"{bucket}/in/00000.tar", b"1" * 100)
+    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "worker"))
+    worker_copy = InputCache(f"{bucket}/in")
+    worker_copy.sync(lazy=(".tar",))
+    worker_copy.fetch_shard(worker_copy.root / "00000.tar")  # the worker holds version 1
+    fs.pipe_file(f"{bucket}/in/00000.tar", b"2" * 100)  # same size, new content
+    planned = InputCache(f"{bucket}/in", root=worker_copy.root.parent / "planner")
+    planned.sync(lazy=(".tar",))
+    shipped = pickle.loads(pickle.dumps(planned))  # as it reaches a worker
+    shipped.root = worker_copy.root
+    shipped.fetch_shard(worker_copy.root / "00000.tar")
+    assert (worker_copy.root / "00000.tar").read_bytes() == b"2" * 100
+
+
+def test_a_missing_bucket_or_an_unreachable_store_is_one_line(server, s3_server: str,
+                                                              tmp_path: Path):  # fmt: skip
+    urls = url_list(server, tmp_path / "urls.parquet", count=2)
+    line = one_error_line(RUNNER.invoke(app, download_args(str(urls), "s3://no-such-bucket/x")))
+    assert "no-such-bucket" in line
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
+    run = subprocess.run([sys.executable, "-m", "vlmdata", *download_args(str(urls), "s3://b/x")],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "cannot" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_refused_upload_stops_the_run(server, bucket: str, tmp_path: Path, monkeypatch):
+    from vlmdata.errors import UserError
+    from vlmdata.pipeline.storage import RemoteOutput
+
+    original = RemoteOutput.publish_shard
+
+    def refuse_the_second(self, name, data_files):
+        if name == "00001":
+            raise UserError("cannot write 00001 (AccessDenied); check the credentials")
+        original(self, name, data_files)
+
+    monkeypatch.setattr(RemoteOutput, "publish_shard", refuse_the_second)
+    urls = url_list(server, tmp_path / "urls.parquet", count=60)
+    args = download_args(str(urls), f"{bucket}/shards")
+    args[args.index("--shard-size") + 1] = "2"
+    result = RUNNER.invoke(app, [*args, "--concurrency", "2"])
+    assert "AccessDenied" in one_error_line(result)
+    assert server.total_hits("/img/") < 40  # it stopped, instead of staging all 30 shards
+
+
+def test_a_lease_taken_by_another_run_is_noticed(bucket: str, monkeypatch):
+    from vlmdata.errors import UserError
+    from vlmdata.pipeline import storage
+
+    monkeypatch.setattr(storage, "_RENEW_S", 0.05)
+    output = storage.RemoteOutput(f"{bucket}/out")
+    with output.lease() as lease:
+        lease.check()
+        taken = {"holder": "elsewhere:1:x", "expires": time.time() + 60}
+        s3().pipe_file(f"{bucket}/out/.lease.json", json.dumps(taken).encode())
+        deadline = time.monotonic() + 30
+        while not lease.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(UserError, match="lost its lease"):
+            lease.check()
+    held = json.loads(s3().cat_file(f"{bucket}/out/.lease.json"))
+    assert held["holder"] == "elsewhere:1:x"  # not taken back, not deleted
+
+
+def test_a_resume_from_another_machine_trusts_the_published_shards(
+    server, bucket: str, tmp_path: Path, monkeypatch
+):
+    """Another machine (its own staging and input cache) resumes an s3 run from an s3 URL
+    list: nothing to do, nothing refused."""
+    urls = url_list(server, tmp_path / "urls.parquet", count=6)
+    s3().put_file(str(urls), f"{bucket}/lists/urls.parquet")
+    args = download_args(f"{bucket}/lists/urls.parquet", f"{bucket}/shards")
+    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "first"))
+    invoke(args)
+    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "second"))
+    assert "Nothing to do" in invoke(args).output

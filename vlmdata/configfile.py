@@ -26,8 +26,14 @@ NOT_RECORDED = {"config", "quiet"}  # how a run was shown, not what it made
 
 
 def read_toml(path: str, what: str = "--config") -> dict:
-    """A TOML file as a dict; an unreadable or invalid one is one line naming it."""
+    """A TOML file (a path, or an object-store URL: the record of a run that wrote to one) as
+    a dict; an unreadable or invalid one is one line naming it."""
+    from vlmdata.pipeline.storage import is_url, open_filesystem
+
     try:
+        if is_url(path):
+            fs, key = open_filesystem(path)
+            return tomllib.loads(fs.cat_file(key).decode())
         with open(path, "rb") as f:
             return tomllib.load(f)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

@@ -126,7 +126,9 @@ def run_encode(config: EncodeConfig) -> RunSummary:
     if remote is None:
         check_output_location(out, [source])  # user mistakes first: before the model loads
         check_ownership(out, "encode")
-    device, precision = _resolve_for_workers(config)
+    # A worker's decoding processes are its CPUs: Ray places workers by what they use.
+    ray = config.ray and replace(config.ray, cpus_per_worker=1 + config.workers)
+    device, precision = _resolve_for_workers(config, ray)
     if config.precision == "auto" and remote is None:  # before the model loads
         _check_auto_precision(out, images.fingerprint, precision, device)
     references = {} if not config.placeholder_filter else {
@@ -166,24 +168,24 @@ def run_encode(config: EncodeConfig) -> RunSummary:
         run_files=("manifest.json",),
         remote=remote,
         input_cache=cache,
-        ray=config.ray,
+        ray=ray,
     )
     return run_stage(stage, lambda stage: images.shards, work)
 
 
-def _resolve_for_workers(config: EncodeConfig) -> tuple[str, str]:
+def _resolve_for_workers(config: EncodeConfig, ray: RayOptions | None) -> tuple[str, str]:
     """The device and precision the encoding runs with: here, or on Ray's workers (a GPU when
     --gpus-per-worker asks for one, whatever the driver has; ``auto`` precision is what such a
     worker resolves)."""
-    if config.ray is None:
+    if ray is None:
         device = resolve_device(config.device, config.precision)
         return device, resolve_precision(config.precision, device)
-    gpus = config.ray.gpus_per_worker
+    gpus = ray.gpus_per_worker
     device = config.device if config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
     if device == "cuda" and gpus <= 0:
         raise UserError("--device cuda on Ray needs --gpus-per-worker (e.g. 1, or 0.5 to share a "
                         "GPU between two workers)")  # fmt: skip
-    worker_count(config.ray)  # before the model loads: a cluster without the GPUs asked for
+    worker_count(ray)  # before the model loads: a cluster without the CPUs or GPUs asked for
     if device == "cpu":
         return resolve_device("cpu", config.precision), resolve_precision(config.precision, "cpu")
     if config.precision != "auto":

@@ -9,6 +9,7 @@ marker last, see :mod:`vlmdata.pipeline.storage`) and its staged files freed.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,11 +33,20 @@ class ShardSink:
     plan: dict | None = None  # the run's plan: staging made for another plan is discarded
     input_cache: InputCache | None = None  # an input at a URL, fetched shard by shard
 
-    def fetch_input(self, shard: Shard) -> None:
-        """Fetch what the work reads of ``shard`` from an input at a URL, on this machine."""
-        tar = getattr(shard, "tar", None)
-        if self.input_cache is not None and tar is not None:
-            self.input_cache.fetch_shard(tar)
+    def hand_out(
+        self, shard: Shard, watcher: ShardWatcher, progress: Progress
+    ) -> threading.Event | None:
+        """Get ``shard`` ready for the work on this machine: None when it needs none (done
+        and staged by a run that stopped before publishing it: published now), else fetch what
+        the work reads of it from an input at a URL; the event set once it is done."""
+        if (stats := self.done_stats(shard.name)) is not None:
+            self.finish(shard.name)
+            progress.skip(stats["rows"])
+            return None
+        data = getattr(shard, "tar", None) or getattr(shard, "h5", None)
+        if self.input_cache is not None and data is not None:
+            self.input_cache.fetch_shard(data)
+        return watcher.expect(shard.name)
 
     def done_stats(self, name: str) -> dict | None:
         return complete_shard_stats(ShardFiles(self.out, name), self.data_files)
@@ -60,8 +70,7 @@ class ShardWatcher:
         self._thread.start()
 
     def expect(self, name: str) -> threading.Event:
-        """An event set once shard ``name`` is done; done already (staged by a run that
-        stopped before publishing it) counts."""
+        """An event set once shard ``name`` is done (and published)."""
         event = threading.Event()
         with self._lock:
             self.pending[name] = event
@@ -107,15 +116,15 @@ def _run_finishing(work: Work, sink: ShardSink, shards: Iterator[Shard], progres
 
     def handed_out() -> Iterator[Shard]:
         for shard in shards:
-            if (stats := sink.done_stats(shard.name)) is not None:
-                sink.finish(shard.name)  # done by a run stopped before it published it
-                progress.skip(stats["rows"])
-                continue
-            sink.fetch_input(shard)
-            watcher.expect(shard.name)
-            yield shard
+            if watcher.failure is not None:  # a refused upload: stop before staging more
+                raise watcher.failure
+            if sink.hand_out(shard, watcher, progress) is not None:
+                yield shard
 
     try:
         work(handed_out(), progress)
-    finally:
-        watcher.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the work's own failure is the one to report
+            watcher.close()
+        raise
+    watcher.close()

@@ -95,6 +95,13 @@ def worker_count(options: RayOptions) -> int:
     GPUs (or CPUs) fit; one line when the cluster cannot place one."""
     ray = import_ray()
     connect(options.address)
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if not any(node.get("CPU", 0) >= options.cpus_per_worker for node in nodes):
+        largest = max((node.get("CPU", 0) for node in nodes), default=0)
+        raise UserError(  # Ray would wait for such a node forever
+            f"a Ray worker here needs {options.cpus_per_worker:g} CPUs but the largest node of "
+            f"the cluster has {largest:g}; lower --workers (encode: a worker takes 1 + --workers)"
+        )
     resources = ray.cluster_resources()
     if options.gpus_per_worker > 0:
         gpus = resources.get("GPU", 0)
@@ -119,13 +126,10 @@ def ray_distribute(
 
     limit = worker_count(options)
     reports = Queue(actor_options={"num_cpus": 0})
-    # What a worker is made of travels with each task, not with the actor: a restarted actor
-    # gets it from the retried task (constructor arguments would have to outlive the actor).
-    setup = ray.put((work, sink, reports.actor))
     actor_class = ray.remote(_ShardWorker).options(
         num_cpus=options.cpus_per_worker,
         num_gpus=options.gpus_per_worker,
-        max_restarts=options.max_shard_retries,
+        max_restarts=-1,  # a worker is always restarted; each shard is retried this often:
         max_task_retries=options.max_shard_retries,
         max_concurrency=options.shards_per_worker + 1,  # + close()
     )
@@ -133,6 +137,9 @@ def ray_distribute(
     load: list[int] = []
     in_flight: dict[Any, tuple[int, str]] = {}
     try:
+        # What a worker is made of travels with each task, not with the actor: a restarted
+        # actor gets it from the retried task (constructor arguments would have to outlive it).
+        setup = ray.put((work, sink, reports.actor))
         pending = iter(shards)
         exhausted = False
         while True:
@@ -210,16 +217,20 @@ class _ShardWorker:
         self.lock = threading.Lock()
 
     def run(self, setup: tuple[Work, ShardSink, Any], shard: Shard) -> _Failure | None:
-        """Hand ``shard`` to the work and return once it is done (None) or the work failed."""
+        """Hand ``shard`` to the work and return once it is done (None) or the work failed;
+        any failure comes back as a value, so that the driver raises it as it is."""
+        try:
+            return self._run(setup, shard)
+        except Exception as e:
+            return _Failure.of(e)
+
+    def _run(self, setup: tuple[Work, ShardSink, Any], shard: Shard) -> _Failure | None:
         with self.lock:
             if self.loop is None:
                 self._start(*setup)
-        if (stats := self.sink.done_stats(shard.name)) is not None:
-            self.sink.finish(shard.name)  # done by an attempt that died before publishing
-            self.progress.skip(stats["rows"])
-            return None
-        self.sink.fetch_input(shard)
-        done = self.watcher.expect(shard.name)
+        done = self.sink.hand_out(shard, self.watcher, self.progress)
+        if done is None:
+            return None  # done by an attempt that died before publishing it: published now
         self.todo.put(shard)
         while not done.wait(0.05):
             if self.watcher.failure is not None:

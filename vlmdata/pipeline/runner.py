@@ -142,12 +142,12 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
         check_ownership(out, stage.name)  # before the lock: leave a foreign directory untouched
     else:
         check_remote_ownership(remote, stage.name)
-    with exclusive_output(out) if remote is None else remote.lease():
+    with exclusive_output(out) if remote is None else remote.lease() as lease:
         if remote is not None:  # the run state, copied down: the local logic reads it there
             remote.prepare_staging(remote.read_json(PLAN))
             remote.pull(ROOT_STATS, *stage.run_files)
         new_plan = not (out / PLAN).exists()
-        check_plan(out, stage.plan)
+        check_plan(out, stage.plan, shown_as=stage.location)
         if remote is not None and new_plan:
             remote.push(PLAN)
         done = completed_run(stage)
@@ -172,6 +172,8 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
                 distribute(wrapped, todo, stage.processes, progress)
         finally:
             progress.close()
+        if lease is not None:
+            lease.check()  # another run may have written meanwhile: no totals over its work
         return close_run(stage, planned, progress, started, retried)
 
 

@@ -265,9 +265,11 @@ def exclusive_output(out_dir: Path) -> Iterator[None]:
         yield
 
 
-def check_plan(out_dir: Path, plan: dict) -> None:
-    """Record ``plan`` in ``out_dir/plan.json``, or refuse if a different plan is there."""
+def check_plan(out_dir: Path, plan: dict, shown_as: str | None = None) -> None:
+    """Record ``plan`` in ``out_dir/plan.json``, or refuse if a different plan is there
+    (naming the output ``shown_as``: the URL of an object-store output staged in out_dir)."""
     path = out_dir / PLAN
+    where = shown_as or str(out_dir)
     plan = json.loads(json.dumps(plan))  # compare as stored: tuples become lists
     previous = read_state_json(path, missing_ok=True)
     if previous is None:
@@ -275,7 +277,7 @@ def check_plan(out_dir: Path, plan: dict) -> None:
         return
     if previous.get("input") != plan.get("input"):
         raise UserError(
-            f"{out_dir} was made from a different input: "
+            f"{where} was made from a different input: "
             f"{_input_change(previous.get('input'), plan.get('input'))}; "
             "pass the same input, or use another directory for this one"
         )
@@ -289,7 +291,7 @@ def check_plan(out_dir: Path, plan: dict) -> None:
                           if before.get(k) != now.get(k))  # fmt: skip
             before, now = before.get(option.split(".")[1]), now.get(option.split(".")[1])
         raise UserError(
-            f"{out_dir} was made with {_as_flag(option, before)}, this run has "
+            f"{where} was made with {_as_flag(option, before)}, this run has "
             f"{_as_flag(option, now)}; pass the same options again, or use another directory"
         )
 
