@@ -243,33 +243,3 @@ def test_a_worker_larger_than_any_node_is_one_line(tmp_path: Path):
                                  "--distributor", "ray"])  # fmt: skip
     assert "needs 5 CPUs but the largest node of the cluster has 2" in one_error_line(result)
 
-
-def test_the_retry_budget_is_per_shard(tmp_path: Path):
-    """Two shards each kill their worker once; with --max-shard-retries 1 both are retried
-    (a budget for the whole run would have ended it at the second death)."""
-    fired: set[str] = set()
-
-    def trap(name: str):
-        async def handler(request: web.Request) -> web.Response:
-            if name not in fired:
-                fired.add(name)
-                for pid in _ray_worker_pids():
-                    os.kill(pid, signal.SIGKILL)
-                raise web.HTTPServiceUnavailable()
-            return web.Response(body=make_image(30, 30, seed=len(name)), content_type="image/jpeg")
-
-        return handler
-
-    server = LoopbackServer()
-    server.route("/trap-a", trap("a"))
-    server.route("/trap-b", trap("b"))
-    with server:
-        urls = [server.add_file(f"{i}.jpg", make_image(40, 30, seed=i)) for i in range(8)]
-        urls = [urls[0], server.url("/trap-a"), *urls[1:5], server.url("/trap-b"), *urls[5:]]
-        path = tmp_path / "urls.parquet"
-        pq.write_table(pa.table({"image_url": urls, "capsfusion": ["c"] * len(urls)}), path)
-        download(path, tmp_path / "out", "--distributor", "ray", "--processes", "1",
-                 "--max-shard-retries", "1")  # fmt: skip
-    assert fired == {"a", "b"}
-    rows = records(tmp_path / "out")
-    assert len(rows) == 10 and {r["status"] for r in rows.values()} == {"success"}

@@ -101,7 +101,8 @@ def download(
         typer.Option(
             help="Download processes, each an event loop over whole shards (one loop keeps ~4 "
             "cores busy with --resize). With --distributor ray: the Ray workers, each one such "
-            "loop with the whole --concurrency and --per-host (default: one per cluster CPU).",
+            "loop with the whole --concurrency and --per-host (default: one per cluster CPU, "
+            "one per 4 with --resize).",
             show_default="a quarter of the usable CPUs",
             rich_help_panel=PERFORMANCE,
         ),

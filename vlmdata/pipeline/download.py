@@ -46,7 +46,7 @@ from vlmdata.pipeline.imageops import (
     inspect_image,
     square_image,
 )
-from vlmdata.pipeline.ray_distributor import RayOptions
+from vlmdata.pipeline.ray_distributor import RayOptions, largest_node_cpus
 from vlmdata.pipeline.runner import Stage, output_location, run_stage
 from vlmdata.pipeline.shards import (
     FAILED_TO_DECODE,
@@ -86,6 +86,7 @@ class DownloadConfig:
     quiet: bool = False
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
     ray: RayOptions | None = None  # --distributor ray: `processes` Ray workers, limits each
+    resize_workers: int | None = None  # None: this process's share of the usable CPUs
 
     def __post_init__(self) -> None:
         require_at_least(1, shard_size=self.shard_size, concurrency=self.concurrency,
@@ -138,8 +139,11 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
     ray = config.ray
     if ray is not None:  # each Ray worker is one event loop with the whole limits
         in_flight = shards_in_flight(config.concurrency, config.shard_size)
-        ray = replace(ray, shards_per_worker=in_flight)
-        config = replace(config, processes=1, ray=None)
+        # With --resize a loop keeps ~4 cores busy (itself and its resize pool): Ray places
+        # the workers by that, and a worker's pool is its own cores, not its node's.
+        cpus = min(_CPUS_PER_RESIZING_LOOP, largest_node_cpus(ray.address)) if config.resize else 1
+        ray = replace(ray, shards_per_worker=in_flight, cpus_per_worker=cpus)
+        config = replace(config, processes=1, ray=None, resize_workers=max(1, cpus - 1))
     stage = Stage(
         name="download",
         output_dir=out,
@@ -193,6 +197,9 @@ def download_shards(
         asyncio.run(ShardDownloader(config, Path(out_dir), resolver, progress).run(shards))
 
 
+_CPUS_PER_RESIZING_LOOP = 4  # see default_download_processes
+
+
 def shards_in_flight(concurrency: int, shard_size: int) -> int:
     """Shards one event loop downloads at once: enough to keep every request slot busy while
     one shard waits on its slowest hosts."""
@@ -233,7 +240,7 @@ class ShardDownloader:
         self.image_threads = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix="vlmdata-image")
         # Decoding and resizing is real CPU work: worker processes, sized to this process's
         # share of the CPUs the run may use.
-        workers = max(1, usable_cpus() // self.config.processes)
+        workers = self.config.resize_workers or max(1, usable_cpus() // self.config.processes)
         self.resize_pool = ImagePool(workers) if self.config.resize else None
         shard_slots = asyncio.Semaphore(shards_in_flight(self.concurrency, self.config.shard_size))
         try:

@@ -90,14 +90,19 @@ def on_cluster(fn: Callable[..., Any], *args: Any, gpus: float = 0.0) -> Any:
     return ray.get(ray.remote(num_cpus=0, num_gpus=gpus)(fn).remote(*args))
 
 
-def worker_count(options: RayOptions) -> int:
-    """Join the cluster and count the actors to start: as given, or as many as the cluster's
-    GPUs (or CPUs) fit; one line when the cluster cannot place one."""
+def largest_node_cpus(address: str | None) -> float:
+    """The CPUs of the cluster's largest live node (joining it first)."""
     ray = import_ray()
-    connect(options.address)
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    if not any(node.get("CPU", 0) >= options.cpus_per_worker for node in nodes):
-        largest = max((node.get("CPU", 0) for node in nodes), default=0)
+    connect(address)
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
+def worker_count(options: RayOptions) -> int:
+    """Join the cluster and count the actors to start: as many as the cluster's GPUs (or CPUs)
+    fit, at most as many as asked; one line when the cluster cannot place one."""
+    ray = import_ray()
+    largest = largest_node_cpus(options.address)
+    if largest < options.cpus_per_worker:
         raise UserError(  # Ray would wait for such a node forever
             f"a Ray worker here needs {options.cpus_per_worker:g} CPUs but the largest node of "
             f"the cluster has {largest:g}; lower --workers (encode: a worker takes 1 + --workers)"
@@ -113,7 +118,9 @@ def worker_count(options: RayOptions) -> int:
         fit = int(gpus // options.gpus_per_worker)
     else:
         fit = int(resources.get("CPU", 1) // max(options.cpus_per_worker, 1e-9))
-    return options.workers or max(1, fit)
+    # Never more than fit now: a worker Ray cannot place would hold its shards forever (an
+    # autoscaling cluster is sized before the run, not by it).
+    return max(1, min(options.workers or fit, fit))
 
 
 def ray_distribute(
