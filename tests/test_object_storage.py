@@ -386,3 +386,15 @@ def test_a_resume_from_another_machine_trusts_the_published_shards(
     invoke(args)
     monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "second"))
     assert "Nothing to do" in invoke(args).output
+
+
+def test_labels_classify_from_s3_to_s3_labels_as_a_local_run(shape_features: Path, bucket: str,
+                                                              tmp_path: Path):  # fmt: skip
+    fs = s3()
+    for path in shape_features.iterdir():
+        if path.is_file():
+            fs.put_file(str(path), f"{bucket}/features/{path.name}")
+    invoke(["labels", "classify", str(shape_features), str(tmp_path / "local"), "--quiet"])
+    invoke(["labels", "classify", f"{bucket}/features", f"{bucket}/labels", "--quiet"])
+    copy = fetch(f"{bucket}/labels", tmp_path / "copy")
+    assert records(copy) == records(tmp_path / "local")

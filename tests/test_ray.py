@@ -243,3 +243,12 @@ def test_a_worker_larger_than_any_node_is_one_line(tmp_path: Path):
                                  "--distributor", "ray"])  # fmt: skip
     assert "needs 5 CPUs but the largest node of the cluster has 2" in one_error_line(result)
 
+
+def test_preprocess_on_ray_squares_as_a_local_run(tmp_path: Path):
+    images = write_images(tmp_path / "images", 9)
+    for name, flags in (("local", []), ("ray", ["--distributor", "ray", "--processes", "2"])):
+        result = RUNNER.invoke(app, ["preprocess", str(images), str(tmp_path / name), "--size",
+                                     "32", "--shard-size", "4", "--quiet", *flags])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert records(tmp_path / "ray") == records(tmp_path / "local")
+    assert tar_members(tmp_path / "ray") == tar_members(tmp_path / "local")
