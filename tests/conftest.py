@@ -290,3 +290,32 @@ def bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     name = "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+# What two runs of the same input may differ in: timings.
+_TIMINGS = {"elapsed_s", "attempts"}
+
+
+def shard_records(out: Path) -> dict[str, dict]:
+    """Every row of an output's shard parquets by key (each key once), without timings."""
+    import pyarrow.parquet as pq
+
+    rows = {}
+    for parquet in sorted(out.glob("*.parquet")):
+        for row in pq.read_table(parquet).to_pylist():
+            assert row["key"] not in rows
+            rows[row["key"]] = {k: v for k, v in row.items() if k not in _TIMINGS}
+    return rows
+
+
+def tar_members(out: Path) -> dict[str, bytes]:
+    """Every member of an output's shard tars but the KEY.json rows (they hold timings)."""
+    import tarfile
+
+    members = {}
+    for path in sorted(out.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if not member.name.endswith(".json"):
+                    members[member.name] = tar.extractfile(member).read()
+    return members

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -21,14 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import LoopbackServer, make_image, one_error_line
+from conftest import LoopbackServer, make_image, one_error_line, shard_records, tar_members
 from vlmdata.cli import app
 
 pytestmark = pytest.mark.usefixtures("quiet_random_weights")
 
 SHARD = 5
 RUNNER = CliRunner()
-TIMINGS = {"elapsed_s", "attempts"}
 
 
 def s3():
@@ -65,25 +63,6 @@ def fetch(url: str, local: Path) -> Path:
     return local
 
 
-def records(out: Path) -> dict[str, dict]:
-    rows = {}
-    for parquet in sorted(out.glob("*.parquet")):
-        for row in pq.read_table(parquet).to_pylist():
-            assert row["key"] not in rows
-            rows[row["key"]] = {k: v for k, v in row.items() if k not in TIMINGS}
-    return rows
-
-
-def tar_members(out: Path) -> dict[str, bytes]:
-    members = {}
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if not member.name.endswith(".json"):
-                    members[member.name] = tar.extractfile(member).read()
-    return members
-
-
 def test_download_to_s3_reads_back_as_a_local_run(server, bucket: str, tmp_path: Path):
     urls = url_list(server, tmp_path / "urls.parquet")
     invoke(download_args(str(urls), str(tmp_path / "local")))
@@ -91,7 +70,7 @@ def test_download_to_s3_reads_back_as_a_local_run(server, bucket: str, tmp_path:
     result = invoke(download_args(str(urls), out))
     assert f"-> {out}" in result.output
     copy = fetch(out, tmp_path / "copy")
-    assert records(copy) == records(tmp_path / "local")
+    assert shard_records(copy) == shard_records(tmp_path / "local")
     assert tar_members(copy) == tar_members(tmp_path / "local")
     assert {p.name for p in copy.iterdir()} >= {"plan.json", "stats.json", "vlmdata.toml"}
     assert not (copy / ".lease.json").exists()  # released at the end
@@ -105,7 +84,7 @@ def test_a_url_list_on_s3_is_read(server, bucket: str, tmp_path: Path):
     urls = url_list(server, tmp_path / "urls.parquet", count=4)
     s3().put_file(str(urls), f"{bucket}/lists/urls.parquet")
     invoke(download_args(f"{bucket}/lists/urls.parquet", str(tmp_path / "out")))
-    assert len(records(tmp_path / "out")) == 5
+    assert len(shard_records(tmp_path / "out")) == 5
 
 
 def published_shards(url: str) -> dict[str, int]:
@@ -149,7 +128,7 @@ def test_an_interrupted_s3_run_leaves_only_whole_shards_and_resumes(
     before = dict(server.hits)
     invoke(download_args(str(urls), out))
     copy = fetch(out, tmp_path / "copy")
-    assert records(copy) == records(tmp_path / "local")
+    assert shard_records(copy) == shard_records(tmp_path / "local")
     assert tar_members(copy) == tar_members(tmp_path / "local")
     done_before = {row["url"] for name in markers
                    for row in pq.read_table(copy / f"{name}.parquet").to_pylist()}  # fmt: skip
@@ -170,7 +149,7 @@ def test_damaged_or_unvouched_objects_are_redone(server, bucket: str, tmp_path: 
     assert "this run: 10 rows" in result.output
     assert server.total_hits("/img/") - hits == 10
     copy = fetch(out, tmp_path / "copy")
-    assert len(records(copy)) == 15 and len(tar_members(copy)) == 14 * 2
+    assert len(shard_records(copy)) == 15 and len(tar_members(copy)) == 14 * 2
 
 
 def test_a_held_lease_refuses_a_second_run_and_a_lapsed_one_is_taken(
@@ -397,4 +376,4 @@ def test_labels_classify_from_s3_to_s3_labels_as_a_local_run(shape_features: Pat
     invoke(["labels", "classify", str(shape_features), str(tmp_path / "local"), "--quiet"])
     invoke(["labels", "classify", f"{bucket}/features", f"{bucket}/labels", "--quiet"])
     copy = fetch(f"{bucket}/labels", tmp_path / "copy")
-    assert records(copy) == records(tmp_path / "local")
+    assert shard_records(copy) == shard_records(tmp_path / "local")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tarfile
 from pathlib import Path
 
 import h5py
@@ -18,15 +17,13 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from conftest import LoopbackServer, make_image, one_error_line
+from conftest import LoopbackServer, make_image, one_error_line, shard_records, tar_members
 from vlmdata.cli import app
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster", "quiet_random_weights")]
 
 SHARD = 6
 RUNNER = CliRunner()
-# What two runs of the same input may differ in: timings.
-TIMINGS = {"elapsed_s", "attempts"}
 
 
 def url_list(server: LoopbackServer, path: Path, extra: list[str] = ()) -> Path:
@@ -46,34 +43,14 @@ def download(urls: Path, out: Path, *flags: str):
     return result
 
 
-def records(out: Path) -> dict[str, dict]:
-    """Every row of an output's shard parquets by key, without timings."""
-    rows = {}
-    for parquet in sorted(out.glob("*.parquet")):
-        for row in pq.read_table(parquet).to_pylist():
-            assert row["key"] not in rows
-            rows[row["key"]] = {k: v for k, v in row.items() if k not in TIMINGS}
-    return rows
-
-
-def tar_members(out: Path) -> dict[str, bytes]:
-    members = {}
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if not member.name.endswith(".json"):  # KEY.json holds the timings
-                    members[member.name] = tar.extractfile(member).read()
-    return members
-
-
 def test_download_on_ray_writes_what_a_local_run_writes(server: LoopbackServer, tmp_path: Path):
     urls = url_list(server, tmp_path / "urls.parquet")
     download(urls, tmp_path / "local", "--processes", "1")
     result = download(urls, tmp_path / "ray", "--distributor", "ray", "--processes", "2")
     assert "22 rows in 4 shards" in result.output
-    assert records(tmp_path / "ray") == records(tmp_path / "local")
+    assert shard_records(tmp_path / "ray") == shard_records(tmp_path / "local")
     assert tar_members(tmp_path / "ray") == tar_members(tmp_path / "local")
-    statuses = {r["status"] for r in records(tmp_path / "ray").values()}
+    statuses = {r["status"] for r in shard_records(tmp_path / "ray").values()}
     assert statuses == {"success", "failed_to_download", "failed_to_decode"}
     rerun = download(urls, tmp_path / "ray", "--distributor", "ray", "--processes", "2")
     assert "Nothing to do" in rerun.output
@@ -116,7 +93,7 @@ def test_a_worker_killed_mid_shard_is_restarted_and_its_shard_retried(tmp_path: 
         download(urls, tmp_path / "ray", "--distributor", "ray", "--processes", "2",
                  "--max-shard-retries", "2")  # fmt: skip
     assert killed, "the trap never fired"
-    assert records(tmp_path / "ray") == records(tmp_path / "local")
+    assert shard_records(tmp_path / "ray") == shard_records(tmp_path / "local")
     assert tar_members(tmp_path / "ray") == tar_members(tmp_path / "local")
 
 
@@ -165,7 +142,7 @@ def test_encode_on_ray_actors_writes_the_local_features(tmp_path: Path):
             }
             for name in ("keys", "tokens", "embeds"):
                 assert np.array_equal(a[name][...], b[name][...]), name
-    assert records(tmp_path / "ray") == records(tmp_path / "local")
+    assert shard_records(tmp_path / "ray") == shard_records(tmp_path / "local")
     assert "Nothing to do" in encode(images, tmp_path / "ray", "--distributor", "ray").output
 
 
@@ -174,7 +151,7 @@ def test_labels_classify_on_ray_labels_as_a_local_run(shape_features: Path, tmp_
         result = RUNNER.invoke(app, ["labels", "classify", str(shape_features),
                                      str(tmp_path / name), "--quiet", *flags])  # fmt: skip
         assert result.exit_code == 0, result.output
-    assert records(tmp_path / "ray") == records(tmp_path / "local")
+    assert shard_records(tmp_path / "ray") == shard_records(tmp_path / "local")
 
 
 def test_gpus_the_cluster_lacks_are_one_line(tmp_path: Path):
@@ -250,5 +227,5 @@ def test_preprocess_on_ray_squares_as_a_local_run(tmp_path: Path):
         result = RUNNER.invoke(app, ["preprocess", str(images), str(tmp_path / name), "--size",
                                      "32", "--shard-size", "4", "--quiet", *flags])  # fmt: skip
         assert result.exit_code == 0, result.output
-    assert records(tmp_path / "ray") == records(tmp_path / "local")
+    assert shard_records(tmp_path / "ray") == shard_records(tmp_path / "local")
     assert tar_members(tmp_path / "ray") == tar_members(tmp_path / "local")

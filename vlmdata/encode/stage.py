@@ -123,9 +123,9 @@ def run_encode(config: EncodeConfig) -> RunSummary:
     source, cache = input_location(config.input_dir, "INPUT_DIR", lazy=(".tar", ".parquet"))
     out, remote = output_location(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
-    if remote is None:
-        check_output_location(out, [source])  # user mistakes first: before the model loads
-        check_ownership(out, "encode")
+    if remote is None:  # user mistakes first: before the model loads
+        check_output_location(out, [source])
+    check_ownership(out, "encode", remote)
     # A worker's decoding processes are its CPUs: Ray places workers by what they use.
     ray = config.ray and replace(config.ray, cpus_per_worker=1 + config.workers)
     device, precision = _resolve_for_workers(config, ray)

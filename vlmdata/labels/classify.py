@@ -105,7 +105,7 @@ def run_classify(config: ClassifyConfig) -> RunSummary:
     weights = resolve_weights(features.model, config.pretrained) if config.pretrained else None
     if remote is None:  # user mistakes first: before any text is encoded
         check_output_location(out, [source])
-        check_ownership(out, "labels")
+    check_ownership(out, "labels", remote)
     model = features.model
     key = cache_key(model, taxonomy.digest, templates_digest(templates))
     shape = (len(taxonomy.descriptions), model.embed_dim)

@@ -139,9 +139,7 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
         worker_count(stage.ray)  # a cluster that cannot place a worker: one line, before work
     if remote is None:
         check_output_location(out, stage.inputs)
-        check_ownership(out, stage.name)  # before the lock: leave a foreign directory untouched
-    else:
-        check_remote_ownership(remote, stage.name)
+    check_ownership(out, stage.name, remote)  # before the lock: leave a foreign one untouched
     with exclusive_output(out) if remote is None else remote.lease() as lease:
         if remote is not None:  # the run state, copied down: the local logic reads it there
             remote.prepare_staging(remote.read_json(PLAN))
@@ -210,24 +208,6 @@ def input_location(
     return path_argument(text, name), None
 
 
-def check_remote_ownership(remote: RemoteOutput, stage: str) -> None:
-    """:func:`check_ownership` for an object-store output."""
-    entries = sorted(name for name in remote.listing() if name != LEASE)
-    if not entries:
-        return
-    plan = remote.read_json(PLAN)
-    owner = None if plan is None else plan.get("stage")
-    if owner == stage:
-        return
-    if plan is not None:
-        raise UserError(
-            f"{remote.url} holds a {owner} output; write the {stage} output to another URL"
-        )
-    listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-    raise UserError(f"{remote.url} is not empty and holds no vlmdata plan.json ({len(entries)} "
-                    f"objects: {listed}); write to an empty prefix")  # fmt: skip
-
-
 def check_output_location(out: Path, inputs: list[Path], name: str = "OUTPUT_DIR") -> None:
     """Refuse an output directory (``name`` in messages) that is, sits inside or holds an
     input."""
@@ -241,24 +221,31 @@ def check_output_location(out: Path, inputs: list[Path], name: str = "OUTPUT_DIR
             )
 
 
-def check_ownership(out: Path, stage: str) -> None:
-    """Refuse to write into a directory that is neither empty nor this stage's own output."""
-    if not out.is_dir():
-        return  # created by the lock; a file in the way is refused there
-    entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-    if not entries:
-        return
-    owner = stage_of(out)
-    if owner == stage:
+def check_ownership(out: Path, stage: str, remote: RemoteOutput | None = None) -> None:
+    """Refuse to write into a directory (or the object-store prefix ``remote``, staged in
+    ``out``) that is neither empty nor this stage's own output."""
+    if remote is not None:
+        entries = sorted(name for name in remote.listing() if name != LEASE)
+        plan = remote.read_json(PLAN) if entries else None
+        owner = None if plan is None else str(plan.get("stage", "unknown"))
+        where, kind, other = remote.url, "objects", "URL"
+        fix = "write to an empty prefix"
+    else:
+        if not out.is_dir():
+            return  # created by the lock; a file in the way is refused there
+        entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        owner = stage_of(out) if entries else None
+        where, kind, other = str(out), "entries", "directory"
+        fix = "write to an empty directory (a resume needs the directory's own plan.json)"
+    if not entries or owner == stage:
         return
     if owner is not None:
-        raise UserError(
-            f"{out} holds a {owner} output; write the {stage} output to another directory"
-        )
+        raise UserError(f"{where} holds a {owner} output; write the {stage} output to another "
+                        f"{other}")  # fmt: skip
     listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     raise UserError(
-        f"{out} is not empty and holds no vlmdata plan.json ({len(entries)} entries: {listed}); "
-        "write to an empty directory (a resume needs the directory's own plan.json)"
+        f"{where} is not empty and holds no vlmdata plan.json ({len(entries)} {kind}: {listed}); "
+        f"{fix}"
     )
 
 
