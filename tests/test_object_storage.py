@@ -377,3 +377,42 @@ def test_labels_classify_from_s3_to_s3_labels_as_a_local_run(shape_features: Pat
     invoke(["labels", "classify", f"{bucket}/features", f"{bucket}/labels", "--quiet"])
     copy = fetch(f"{bucket}/labels", tmp_path / "copy")
     assert shard_records(copy) == shard_records(tmp_path / "local")
+
+
+def test_an_output_inside_its_input_prefix_is_refused(bucket: str):
+    line = one_error_line(RUNNER.invoke(app, ["encode", f"{bucket}/dl", f"{bucket}/dl/enc"]))
+    assert "must differ from the input" in line
+
+
+def test_a_damaged_stats_json_on_s3_is_made_again(server, bucket: str, tmp_path: Path):
+    urls = url_list(server, tmp_path / "urls.parquet", count=4)
+    out = f"{bucket}/shards"
+    invoke(download_args(str(urls), out))
+    s3().pipe_file(f"{out}/stats.json", b"{garbage")
+    hits = server.total_hits("/img/")
+    invoke(download_args(str(urls), out))
+    assert server.total_hits("/img/") == hits  # the shards stood: only the totals were redone
+    assert json.loads(s3().cat_file(f"{out}/stats.json"))["complete"] is True
+
+
+def test_input_shards_are_given_back_after_their_work(server, bucket: str, tmp_path: Path,
+                                                      monkeypatch):  # fmt: skip
+    urls = url_list(server, tmp_path / "urls.parquet", count=7)
+    invoke(download_args(str(urls), f"{bucket}/dl"))
+    monkeypatch.setenv("VLMDATA_STAGING", str(tmp_path / "staging"))
+    invoke(["encode", f"{bucket}/dl", str(tmp_path / "enc"), "--model", "tiny-random-clip",
+            "--pretrained", "none", "--workers", "0", "--quiet"])  # fmt: skip
+    tars = list((tmp_path / "staging").rglob("in-*/*.tar"))
+    assert len(tars) == 2
+    for tar in tars:  # placed again: the size planning reads, no data held
+        assert tar.read_bytes() == bytes(tar.stat().st_size)
+        assert tar.with_name(f".{tar.name}.pending").exists()
+    assert "Nothing to do" in invoke(["encode", f"{bucket}/dl", str(tmp_path / "enc"), "--model",
+                                      "tiny-random-clip", "--pretrained", "none", "--workers", "0",
+                                      "--quiet"]).output  # fmt: skip
+
+
+def test_a_file_url_output_is_made_like_a_directory(server, tmp_path: Path):
+    urls = url_list(server, tmp_path / "urls.parquet", count=3)
+    invoke(download_args(str(urls), f"file://{tmp_path}/new/out"))
+    assert len(shard_records(tmp_path / "new" / "out")) == 4

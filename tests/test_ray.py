@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -229,3 +230,13 @@ def test_preprocess_on_ray_squares_as_a_local_run(tmp_path: Path):
         assert result.exit_code == 0, result.output
     assert shard_records(tmp_path / "ray") == shard_records(tmp_path / "local")
     assert tar_members(tmp_path / "ray") == tar_members(tmp_path / "local")
+
+
+def test_an_unreachable_cluster_address_is_one_line_in_seconds(tmp_path: Path):
+    """In a process of its own (this one's Ray is running): nothing listens on port 1."""
+    images = write_images(tmp_path / "images", 1)
+    run = subprocess.run([sys.executable, "-m", "vlmdata", "preprocess", str(images),
+                          str(tmp_path / "out"), "--distributor", "ray", "--ray-address",
+                          "127.0.0.1:1"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in run.stderr

@@ -46,7 +46,9 @@ class Corrupt(Exception):
 
 def describe(path: str) -> str:
     """A human-readable account of ``path``: a directory, ``.h5``, ``.tar`` or ``.parquet``."""
-    target = Path(path)
+    from vlmdata.pipeline.runner import path_argument
+
+    target = path_argument(path, "PATH")  # an object-store URL: one line saying where they work
     if not target.exists():
         raise UserError(f"{path} does not exist; pass a stage output directory or a shard file")
     if target.is_dir():

@@ -48,7 +48,7 @@ Distributor = Annotated[
     str,
     typer.Option(
         help="local: processes on this machine; ray: workers on a Ray cluster, one task per "
-        "shard (pip install 'vlmdata[ray]').",
+        "shard (pip install 'vlmdata\\[ray]').",
         rich_help_panel=SCALE,
     ),
 ]

@@ -120,8 +120,8 @@ class EncodeConfig:
 
 def run_encode(config: EncodeConfig) -> RunSummary:
     """Encode every image of ``config.input_dir`` into HDF5 shards under ``config.output_dir``."""
+    out, remote = output_location(config.output_dir, inputs=(config.input_dir,))
     source, cache = input_location(config.input_dir, "INPUT_DIR", lazy=(".tar", ".parquet"))
-    out, remote = output_location(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
     if remote is None:  # user mistakes first: before the model loads
         check_output_location(out, [source])

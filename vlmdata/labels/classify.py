@@ -92,8 +92,8 @@ class ClassifyConfig:
 
 def run_classify(config: ClassifyConfig) -> RunSummary:
     """Label every embedding of ``config.features_dir`` into ``config.output_dir``."""
+    out, remote = output_location(config.output_dir, inputs=(config.features_dir,))
     source, cache = input_location(config.features_dir, "FEATURES_DIR")
-    out, remote = output_location(config.output_dir)
     features = open_features(source, config.allow_incomplete)
     check_model_flag(features.model, config.model)
     taxonomy, templates = load_taxonomy(config.taxonomy), load_templates(config.templates)

@@ -122,7 +122,7 @@ def run_download(config: DownloadConfig, resolver: AbstractResolver | None = Non
     ``resolver`` replaces the system DNS resolver (the SSRF guard still applies); it must be
     picklable when ``config.processes`` > 1.
     """
-    out, remote = output_location(config.output_dir)
+    out, remote = output_location(config.output_dir, inputs=(config.input,))
     if remote is not None and config.retry_failed:
         raise UserError("--retry-failed rewrites finished shards in place and needs a local "
                         "OUTPUT_DIR; rerun it where the shards are on disk")  # fmt: skip

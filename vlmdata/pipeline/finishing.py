@@ -46,14 +46,18 @@ class ShardSink:
         data = getattr(shard, "tar", None) or getattr(shard, "h5", None)
         if self.input_cache is not None and data is not None:
             self.input_cache.fetch_shard(data)
-        return watcher.expect(shard.name)
+        return watcher.expect(shard.name, data)
 
     def done_stats(self, name: str) -> dict | None:
         return complete_shard_stats(ShardFiles(self.out, name), self.data_files)
 
-    def finish(self, name: str) -> None:
+    def finish(self, name: str, data: Path | None = None) -> None:
+        """Shard ``name`` is done: publish it, and give back the input shard ``data`` fetched
+        for it from a URL."""
         if self.remote is not None:
             self.remote.publish_shard(name, self.data_files)
+        if self.input_cache is not None and data is not None:
+            self.input_cache.release_shard(data)
 
 
 class ShardWatcher:
@@ -61,7 +65,7 @@ class ShardWatcher:
 
     def __init__(self, sink: ShardSink) -> None:
         self.sink = sink
-        self.pending: dict[str, threading.Event] = {}
+        self.pending: dict[str, tuple[threading.Event, Path | None]] = {}
         self.failure: BaseException | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -69,11 +73,11 @@ class ShardWatcher:
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
-    def expect(self, name: str) -> threading.Event:
-        """An event set once shard ``name`` is done (and published)."""
+    def expect(self, name: str, data: Path | None = None) -> threading.Event:
+        """An event set once shard ``name`` (made from the input file ``data``) is done."""
         event = threading.Event()
         with self._lock:
-            self.pending[name] = event
+            self.pending[name] = (event, data)
         return event
 
     def close(self) -> None:
@@ -94,13 +98,15 @@ class ShardWatcher:
         for name in names:
             if self.failure is not None or self.sink.done_stats(name) is None:
                 continue
+            event, data = self.pending[name]
             try:
-                self.sink.finish(name)
+                self.sink.finish(name, data)
             except BaseException as e:  # an upload refused: the run stops with it
                 self.failure = e
                 return
             with self._lock:
-                self.pending.pop(name).set()
+                del self.pending[name]
+            event.set()
 
 
 def finishing(work: Work, sink: ShardSink) -> Work:

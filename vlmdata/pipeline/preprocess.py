@@ -78,8 +78,8 @@ class PreprocessConfig:
 
 def run_preprocess(config: PreprocessConfig) -> RunSummary:
     """Square every image of ``config.input_dir`` into shards under ``config.output_dir``."""
+    out, remote = output_location(config.output_dir, inputs=(config.input_dir,))
     source, cache = input_location(config.input_dir, "INPUT_DIR", lazy=(".tar", ".parquet"))
-    out, remote = output_location(config.output_dir)
     images = open_image_input(source, config.shard_size, config.allow_incomplete)
     stage = Stage(
         name="preprocess",

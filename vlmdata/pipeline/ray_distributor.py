@@ -15,10 +15,12 @@ import logging
 import math
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlmdata.errors import MachineFailure, UserError
@@ -26,6 +28,7 @@ from vlmdata.pipeline.distributor import Progress, Shard, Work, WorkerError, _Fa
 from vlmdata.pipeline.finishing import ShardSink, ShardWatcher
 
 _POLL_S = 0.2
+_CONNECT_S = 5.0  # how long an unreachable cluster address may take to refuse
 _FLUSH_S = 0.5
 _FLUSH_ROWS = 2048
 
@@ -62,25 +65,50 @@ def import_ray() -> Any:
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or one running on this machine),
-    else start a local one bound to 127.0.0.1 (stopped when this process exits). Ray once
-    initialised in this process (by an earlier stage, or by a caller) is used as it is."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or the one ``ray start`` runs on
+    this machine), else start a local one for this process (stopped when it exits). Never
+    another process's private Ray instance: its workers would lack this one's environment.
+    Ray once initialised in this process (by an earlier stage, or by a caller) is used."""
     ray = import_ray()
     if ray.is_initialized():
         return
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
-    address = address or os.environ.get("RAY_ADDRESS")
+    given = address or os.environ.get("RAY_ADDRESS")
+    address = given if given and given != "auto" else _started_cluster()
+    if address is None:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
+        return
+    _check_reachable(address, named=given is not None)
     try:
-        if address:
-            ray.init(address=address, **quiet)
-            return
-        try:
-            ray.init(address="auto", **quiet)
-        except ConnectionError:  # no cluster running here: one of our own, on loopback only
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
+        ray.init(address=address, **quiet)
     except ConnectionError as e:
         raise UserError(f"cannot join the Ray cluster at {address} ({e}); check "
                         "--ray-address or RAY_ADDRESS") from None  # fmt: skip
+
+
+def _started_cluster() -> str | None:
+    """The address ``ray start`` recorded on this machine, when that cluster still answers."""
+    record = Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+    try:
+        address = record.read_text().strip()
+    except OSError:
+        return None
+    try:
+        _check_reachable(address, named=False)
+    except UserError:
+        return None  # a record left by a cluster that has stopped
+    return address or None
+
+
+def _check_reachable(address: str, named: bool) -> None:
+    """Refuse an address nobody answers at, in seconds (ray.init would retry for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=_CONNECT_S).close()
+    except (OSError, ValueError) as e:
+        where = "--ray-address or RAY_ADDRESS" if named else "the cluster `ray start` began"
+        raise UserError(f"cannot reach the Ray cluster at {address} ({e}); check {where} "
+                        "(host:6379, or ray://host:10001)") from None  # fmt: skip
 
 
 def on_cluster(fn: Callable[..., Any], *args: Any, gpus: float = 0.0) -> Any:

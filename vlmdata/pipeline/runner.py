@@ -144,6 +144,9 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
         if remote is not None:  # the run state, copied down: the local logic reads it there
             remote.prepare_staging(remote.read_json(PLAN))
             remote.pull(ROOT_STATS, *stage.run_files)
+            for name in (ROOT_STATS, *stage.run_files):  # derived: a damaged one is made again
+                if not _is_whole_state_file(out / name):
+                    (out / name).unlink(missing_ok=True)
         new_plan = not (out / PLAN).exists()
         check_plan(out, stage.plan, shown_as=stage.location)
         if remote is not None and new_plan:
@@ -189,12 +192,22 @@ def path_argument(text: str, name: str = "OUTPUT_DIR") -> Path:
     return Path(text)
 
 
-def output_location(text: str, name: str = "OUTPUT_DIR") -> tuple[Path, RemoteOutput | None]:
-    """Where a stage writes: a directory, or the staging directory of an object-store URL."""
-    if is_url(text):
-        remote = RemoteOutput(text)
-        return remote.staging, remote
-    return path_argument(text, name), None
+def output_location(
+    text: str, name: str = "OUTPUT_DIR", inputs: tuple[str, ...] = ()
+) -> tuple[Path, RemoteOutput | None]:
+    """Where a stage writes: a directory, or the staging directory of an object-store URL
+    (refused when it is, sits inside or holds one of the ``inputs`` URLs)."""
+    if not is_url(text):
+        return path_argument(text, name), None
+    target = text.rstrip("/") + "/"
+    for source in (s.rstrip("/") + "/" for s in inputs if is_url(s)):
+        if target.startswith(source) or source.startswith(target):
+            raise UserError(
+                f"{name} {text} must differ from the input {source.rstrip('/')}, "
+                "neither inside it nor holding it; pass a prefix outside the input"
+            )
+    remote = RemoteOutput(text)
+    return remote.staging, remote
 
 
 def input_location(

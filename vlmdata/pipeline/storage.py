@@ -47,6 +47,7 @@ LEASE_S = 60.0  # a killed run's lease lapses after this long
 _RENEW_S = LEASE_S / 4
 # Beside a shard's tar or h5: what a worker reads of an input shard (expected keys, marker).
 _SHARD_SIBLINGS = (".tar", ".h5", ".parquet", ".stats.json", "_stats.json")
+_RELEASED = (".tar", ".h5", ".parquet")  # the bulk of an input shard; its markers stay
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", None),
            "gcs": ("gcsfs", None), "az": ("adlfs", None), "abfs": ("adlfs", None)}  # fmt: skip
@@ -269,6 +270,9 @@ class RemoteOutput:
         A renewal that finds another holder, or renewals failing until the lease could have
         lapsed, mark it lost (:meth:`Lease.check`)."""
         lease = Lease(self.url, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+        if getattr(self.fs, "local_file", False):  # file://: a directory, made as a path's is
+            with store_errors("create", self.url):
+                self.fs.makedirs(self.root, exist_ok=True)
         held = self._held_lease()
         if held and held.get("holder") != lease.holder and float(held["expires"]) > time.time():
             until = time.strftime("%H:%M:%S", time.localtime(float(held["expires"])))
@@ -407,6 +411,17 @@ class InputCache:
                     "once the input is left alone"
                 ) from None
 
+    def release_shard(self, data: Path) -> None:
+        """Give back the disk of the input shard whose data file is ``data`` once its work is
+        done: its bulky files become placed again (fetched anew if a later run needs them)."""
+        if not data.is_relative_to(self.root):
+            return
+        for suffix in _RELEASED:
+            target = data.with_name(f"{data.stem}{suffix}")
+            version = _cached_version(target)
+            if version is not None and not _pending(target).exists():
+                _place(target, version)
+
 
 def _version(entry: dict) -> list:
     """What identifies one version of an object: its size, tag and modification time."""
@@ -436,7 +451,7 @@ def _place(target: Path, version: list) -> None:
     """An empty stand-in of the object's size, marked pending: enough for planning."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _pending(target).touch()  # first: a placed file never looks fetched
-    with open(target, "wb") as f:
+    with open(target, "wb") as f:  # "wb" empties a fetched copy: the disk is given back
         f.truncate(version[0])
     _stamp(target, version)
 
