@@ -416,3 +416,9 @@ def test_a_file_url_output_is_made_like_a_directory(server, tmp_path: Path):
     urls = url_list(server, tmp_path / "urls.parquet", count=3)
     invoke(download_args(str(urls), f"file://{tmp_path}/new/out"))
     assert len(shard_records(tmp_path / "new" / "out")) == 4
+
+
+def test_an_input_in_a_missing_bucket_is_one_line(s3_server: str, tmp_path: Path):
+    line = one_error_line(RUNNER.invoke(app, download_args("s3://no-such-bucket/urls.parquet",
+                                                           str(tmp_path / "out"))))  # fmt: skip
+    assert "s3://no-such-bucket/urls.parquet does not exist or is empty" in line

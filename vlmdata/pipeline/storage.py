@@ -357,12 +357,15 @@ class InputCache:
     def sync(self, lazy: tuple[str, ...] = ()) -> Path:
         """Bring the cache up to date; the local path of the input (file or directory)."""
         fs, path = open_filesystem(self.url)
-        with store_errors("read", self.url):
-            single = fs.isfile(path)
-            if single:
-                entries, base = {path: fs.info(path)}, path.rsplit("/", 1)[0]
-            else:
-                entries, base = fs.find(path, detail=True), path
+        try:
+            with store_errors("read", self.url):
+                single = fs.isfile(path)
+                if single:
+                    entries, base = {path: fs.info(path)}, path.rsplit("/", 1)[0]
+                else:
+                    entries, base = fs.find(path, detail=True), path
+        except FileNotFoundError:  # no such bucket
+            entries = {}
         if not entries:
             raise UserError(f"{self.url} does not exist or is empty; check the URL")
         self.versions = {}
