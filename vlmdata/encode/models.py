@@ -125,16 +125,22 @@ def known_model(name: str) -> bool:
     return name in open_clip.list_models()
 
 
-def resolve_device(device: str, precision: str) -> str:
-    """``auto`` -> cuda when there is one; refuse combinations that cannot run."""
+def resolve_device(device: str, precision: str, ray_gpus: float | None = None) -> str:
+    """``auto`` -> cuda when there is one; refuse combinations that cannot run. With
+    ``ray_gpus`` (--gpus-per-worker) the device is that of Ray's workers, not this machine's:
+    a GPU when each worker reserves one."""
     import torch
 
+    here = ray_gpus is None
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if (torch.cuda.is_available() if here else ray_gpus > 0) else "cpu"
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and here and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+    if device == "cuda" and not here and ray_gpus <= 0:
+        raise UserError("--device cuda on Ray needs --gpus-per-worker (e.g. 1, or 0.5 to share a "
+                        "GPU between two workers)")  # fmt: skip
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be {', '.join(PRECISIONS)}, got {precision!r}")
     if device == "cpu" and precision == "fp16":

@@ -135,12 +135,12 @@ def run_encode(config: EncodeConfig) -> RunSummary:
         **builtin_placeholders(), **load_references(list(config.references))
     }  # fmt: skip
     # Loaded here for what the cache records; on Ray the workers load their own copies.
-    here = device if config.ray is None else "cpu"
-    clip = load_clip(config.model, config.pretrained, here, precision if here == device else "fp32")
+    here, here_precision = (device, precision) if ray is None else ("cpu", "fp32")
+    clip = load_clip(config.model, config.pretrained, here, here_precision)
     features = PatchFeatures(clip, config.layer, token_grid_side(config.tokens, clip))
     attrs = _attributes(config, clip, features, references, precision)
     work = EncodeWork(replace(config, ray=None), device, precision, attrs, references, str(out))
-    if config.ray is None:
+    if ray is None:
         work.loaded = _ShardEncoder(config, clip, features, attrs, references)
     stage = Stage(
         name="encode",
@@ -174,23 +174,15 @@ def run_encode(config: EncodeConfig) -> RunSummary:
 
 
 def _resolve_for_workers(config: EncodeConfig, ray: RayOptions | None) -> tuple[str, str]:
-    """The device and precision the encoding runs with: here, or on Ray's workers (a GPU when
-    --gpus-per-worker asks for one, whatever the driver has; ``auto`` precision is what such a
-    worker resolves)."""
+    """The device and precision the encoding runs with: here, or on Ray's workers (``auto``
+    precision on a GPU is what such a worker resolves, whatever this machine has)."""
+    device = resolve_device(config.device, config.precision, ray and ray.gpus_per_worker)
     if ray is None:
-        device = resolve_device(config.device, config.precision)
         return device, resolve_precision(config.precision, device)
-    gpus = ray.gpus_per_worker
-    device = config.device if config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
-    if device == "cuda" and gpus <= 0:
-        raise UserError("--device cuda on Ray needs --gpus-per-worker (e.g. 1, or 0.5 to share a "
-                        "GPU between two workers)")  # fmt: skip
     worker_count(ray)  # before the model loads: a cluster without the CPUs or GPUs asked for
-    if device == "cpu":
-        return resolve_device("cpu", config.precision), resolve_precision(config.precision, "cpu")
-    if config.precision != "auto":
-        return device, config.precision
-    return device, on_cluster(resolve_precision, "auto", "cuda", gpus=gpus)
+    if device == "cuda" and config.precision == "auto":
+        return device, on_cluster(resolve_precision, "auto", "cuda", gpus=ray.gpus_per_worker)
+    return device, resolve_precision(config.precision, device)
 
 
 @dataclass

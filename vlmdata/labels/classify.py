@@ -100,7 +100,7 @@ def run_classify(config: ClassifyConfig) -> RunSummary:
     if config.top_k > len(taxonomy.descriptions):
         raise UserError(f"--top-k {config.top_k} is more than the taxonomy's "
                         f"{len(taxonomy.descriptions)} descriptions; lower --top-k")  # fmt: skip
-    device = _worker_device(config)
+    device = resolve_device(config.device, "fp32", config.ray and config.ray.gpus_per_worker)
     # A weights file the user names is checked now; the recorded one only if it is needed.
     weights = resolve_weights(features.model, config.pretrained) if config.pretrained else None
     if remote is None:  # user mistakes first: before any text is encoded
@@ -157,21 +157,6 @@ def run_classify(config: ClassifyConfig) -> RunSummary:
                 written.result()
 
     return run_stage(stage, lambda stage: features.shards, work)
-
-
-def _worker_device(config: ClassifyConfig) -> str:
-    """The device the labelling runs on: here, or on Ray's workers (a GPU when
-    --gpus-per-worker asks for one, whatever the driver has)."""
-    if config.ray is None or config.device == "cpu":
-        return resolve_device(config.device, "fp32")
-    if config.device not in ("auto", "cuda"):
-        return resolve_device(config.device, "fp32")  # the one-line refusal
-    if config.ray.gpus_per_worker > 0:
-        return "cuda"
-    if config.device == "cuda":
-        raise UserError("--device cuda on Ray needs --gpus-per-worker (e.g. 1, or 0.5 to share a "
-                        "GPU between two workers)")  # fmt: skip
-    return "cpu"
 
 
 def labels_plan(

@@ -45,8 +45,8 @@ from typing import Any, Protocol
 from vlmdata.errors import MachineFailure, UserError
 
 __all__ = [
-    "Progress", "Work", "WorkerError", "die_with_parent", "distribute", "single_threaded_worker",
-    "usable_cpus",
+    "BatchedProgress", "Progress", "Work", "WorkerError", "WorkerFailure", "die_with_parent",
+    "distribute", "report_rows", "single_threaded_worker", "usable_cpus",
 ]  # fmt: skip
 
 _FLUSH_S = 0.2  # a worker sends its outcomes at least this often...
@@ -277,11 +277,7 @@ class _Pool:
         except queue.Empty:
             return False
         if message[0] == "rows":
-            for status, error_kind, nbytes in message[1]:
-                if status == "skip":
-                    progress.skip(nbytes)
-                else:
-                    progress.record(status, error_kind, nbytes)
+            report_rows(message[1], progress)
         else:  # "done"
             _, pid, failure = message
             self.finished.add(pid)
@@ -435,12 +431,12 @@ def _worker_main(work: Work, todo: Queue, events: Queue) -> None:
     signal.signal(signal.SIGTERM, partial(_exit_quietly, stopping, events))
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # see _Pool._start_worker
-    sink = _EventSink(events)
+    sink = BatchedProgress(lambda batch: events.put(("rows", batch)))
     failure = None
     try:
         work(_queued_shards(todo, stopping), sink)
     except Exception as e:
-        failure = _Failure.of(e)
+        failure = WorkerFailure.of(e)
     finally:
         _stop_children()
     sink.flush()
@@ -495,39 +491,52 @@ def _queued_shards(todo: Queue, stopping: threading.Event) -> Iterator[Shard]:
         yield shard
 
 
-class _EventSink:
-    """A worker's Progress: buffers outcomes and sends them to the parent in batches."""
+class BatchedProgress:
+    """A worker's Progress: buffers outcomes and hands them to ``send`` in batches (to the
+    parent's queue here, to the driver's Ray queue from a Ray worker). Threads of one worker
+    may share it."""
 
-    def __init__(self, events: Queue) -> None:
-        self.events = events
+    def __init__(self, send: Callable[[list[tuple[str, str | None, int]]], None]) -> None:
+        self.send = send
         self.buffer: list[tuple[str, str | None, int]] = []
         self.flushed = time.monotonic()
+        self.lock = threading.Lock()
 
     def skip(self, rows: int) -> None:
-        self.buffer.append(("skip", None, rows))
-        self._maybe_flush()
+        self._add([("skip", None, rows)])
 
     def record(self, status: str, error_kind: str | None, nbytes: int) -> None:
-        self.buffer.append((status, error_kind, nbytes))
-        self._maybe_flush()
+        self._add([(status, error_kind, nbytes)])
 
     def record_many(self, status: str, rows: int) -> None:
-        self.buffer.extend([(status, None, 0)] * rows)
-        self._maybe_flush()
+        self._add([(status, None, 0)] * rows)
 
-    def _maybe_flush(self) -> None:
-        if len(self.buffer) >= _FLUSH_ROWS or time.monotonic() - self.flushed > _FLUSH_S:
+    def _add(self, rows: list[tuple[str, str | None, int]]) -> None:
+        with self.lock:
+            self.buffer.extend(rows)
+            due = len(self.buffer) >= _FLUSH_ROWS or time.monotonic() - self.flushed > _FLUSH_S
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        if self.buffer:
-            self.events.put(("rows", self.buffer))
-            self.buffer = []
-        self.flushed = time.monotonic()
+        with self.lock:
+            batch, self.buffer = self.buffer, []
+            self.flushed = time.monotonic()
+        if batch:
+            self.send(batch)
+
+
+def report_rows(batch: list[tuple[str, str | None, int]], progress: Progress) -> None:
+    """Pass a :class:`BatchedProgress` batch on to ``progress``."""
+    for status, error_kind, nbytes in batch:
+        if status == "skip":
+            progress.skip(nbytes)
+        else:
+            progress.record(status, error_kind, nbytes)
 
 
 @dataclass(frozen=True)
-class _Failure:
+class WorkerFailure:
     """An exception raised by ``work`` in a worker, in a form that always crosses processes:
     any exception may hold what does not pickle, so its text travels beside it."""
 
@@ -537,7 +546,7 @@ class _Failure:
     pickled: bytes | None  # the exception itself, when it pickles and unpickles
 
     @classmethod
-    def of(cls, error: Exception) -> _Failure:
+    def of(cls, error: Exception) -> WorkerFailure:
         if isinstance(error, _ONE_LINE_ERRORS) and _pickled(error) is None:
             # Still a user's one line, whatever its subclass holds.
             error = next(base for base in _ONE_LINE_ERRORS if isinstance(error, base))(str(error))

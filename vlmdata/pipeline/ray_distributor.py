@@ -17,20 +17,25 @@ import os
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmdata.errors import MachineFailure, UserError
-from vlmdata.pipeline.distributor import Progress, Shard, Work, WorkerError, _Failure
+from vlmdata.pipeline.distributor import (
+    BatchedProgress,
+    Progress,
+    Shard,
+    Work,
+    WorkerError,
+    WorkerFailure,
+    report_rows,
+)
 from vlmdata.pipeline.finishing import ShardSink, ShardWatcher
 
 _POLL_S = 0.2
 _CONNECT_S = 5.0  # how long an unreachable cluster address may take to refuse
-_FLUSH_S = 0.5
-_FLUSH_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -235,11 +240,7 @@ def _drain(reports: Any, progress: Progress) -> None:
         if not batches:
             return
         for batch in batches:
-            for status, error_kind, nbytes in batch:
-                if status == "skip":
-                    progress.skip(nbytes)
-                else:
-                    progress.record(status, error_kind, nbytes)
+            report_rows(batch, progress)
 
 
 class _ShardWorker:
@@ -247,19 +248,19 @@ class _ShardWorker:
 
     def __init__(self) -> None:
         self.todo: queue.Queue = queue.Queue()
-        self.failure: _Failure | None = None
+        self.failure: WorkerFailure | None = None
         self.loop: threading.Thread | None = None
         self.lock = threading.Lock()
 
-    def run(self, setup: tuple[Work, ShardSink, Any], shard: Shard) -> _Failure | None:
+    def run(self, setup: tuple[Work, ShardSink, Any], shard: Shard) -> WorkerFailure | None:
         """Hand ``shard`` to the work and return once it is done (None) or the work failed;
         any failure comes back as a value, so that the driver raises it as it is."""
         try:
             return self._run(setup, shard)
         except Exception as e:
-            return _Failure.of(e)
+            return WorkerFailure.of(e)
 
-    def _run(self, setup: tuple[Work, ShardSink, Any], shard: Shard) -> _Failure | None:
+    def _run(self, setup: tuple[Work, ShardSink, Any], shard: Shard) -> WorkerFailure | None:
         with self.lock:
             if self.loop is None:
                 self._start(*setup)
@@ -269,17 +270,17 @@ class _ShardWorker:
         self.todo.put(shard)
         while not done.wait(0.05):
             if self.watcher.failure is not None:
-                return _Failure.of(_as_exception(self.watcher.failure))
+                return WorkerFailure.of(_as_exception(self.watcher.failure))
             if not self.loop.is_alive():
                 break
         self.progress.flush()
         if done.is_set():
             return None
-        return self.failure or _Failure.of(
+        return self.failure or WorkerFailure.of(
             WorkerError(f"the work stopped before shard {shard.name} was done")
         )
 
-    def close(self) -> _Failure | None:
+    def close(self) -> WorkerFailure | None:
         """End the work (it returns as at the end of a local run) and send the last rows."""
         if self.loop is None:
             return None
@@ -288,7 +289,7 @@ class _ShardWorker:
         try:
             self.watcher.close()
         except Exception as e:
-            self.failure = self.failure or _Failure.of(e)
+            self.failure = self.failure or WorkerFailure.of(e)
         self.progress.flush()
         return self.failure
 
@@ -297,7 +298,9 @@ class _ShardWorker:
         if sink.remote is not None:
             sink.remote.prepare_staging(sink.plan)
         self.work, self.sink = work, sink
-        self.progress = _QueueProgress(reports)
+        ray = import_ray()
+        # Delivered before a task returns: the driver drains the queue once the tasks are done.
+        self.progress = BatchedProgress(lambda batch: ray.get(reports.put.remote(batch)))
         self.watcher = ShardWatcher(sink)
         self.loop = threading.Thread(target=self._work, name="vlmdata-work", daemon=True)
         self.loop.start()
@@ -306,43 +309,8 @@ class _ShardWorker:
         try:
             self.work(iter(self.todo.get, None), self.progress)
         except Exception as e:
-            self.failure = _Failure.of(e)
+            self.failure = WorkerFailure.of(e)
 
 
 def _as_exception(error: BaseException) -> Exception:
     return error if isinstance(error, Exception) else WorkerError(repr(error))
-
-
-class _QueueProgress:
-    """A worker's Progress: rows in batches onto the driver's Ray queue."""
-
-    def __init__(self, reports: Any) -> None:
-        self.reports = reports
-        self.buffer: list[tuple[str, str | None, int]] = []
-        self.flushed = time.monotonic()
-        self.lock = threading.Lock()
-
-    def skip(self, rows: int) -> None:
-        self._add([("skip", None, rows)])
-
-    def record(self, status: str, error_kind: str | None, nbytes: int) -> None:
-        self._add([(status, error_kind, nbytes)])
-
-    def record_many(self, status: str, rows: int) -> None:
-        self._add([(status, None, 0)] * rows)
-
-    def _add(self, rows: list[tuple[str, str | None, int]]) -> None:
-        with self.lock:
-            self.buffer.extend(rows)
-            due = len(self.buffer) >= _FLUSH_ROWS or time.monotonic() - self.flushed > _FLUSH_S
-        if due:
-            self.flush()
-
-    def flush(self) -> None:
-        with self.lock:
-            batch, self.buffer = self.buffer, []
-            self.flushed = time.monotonic()
-        if batch:
-            import ray
-
-            ray.get(self.reports.put.remote(batch))  # delivered before a task returns

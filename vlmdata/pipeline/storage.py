@@ -104,10 +104,6 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class LeaseLost(UserError):
-    """Another run took the output while this one ran."""
-
-
 @dataclass
 class Lease:
     """This run's hold on an object-store output (see :meth:`RemoteOutput.lease`)."""
@@ -119,7 +115,7 @@ class Lease:
     def check(self) -> None:
         """Raise if the lease was lost: another run may be writing the same shards."""
         if self.lost.is_set():
-            raise LeaseLost(
+            raise UserError(
                 f"this run lost its lease on {self.url} (renewals failed, or another run took "
                 "it); make sure only one run writes there, then rerun the same command"
             )
@@ -133,7 +129,6 @@ class RemoteOutput:
 
     url: str
     staging: Path | None = None
-    _fs: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
