@@ -326,6 +326,9 @@ def test_a_refused_upload_stops_the_run(server, bucket: str, tmp_path: Path, mon
         original(self, name, data_files)
 
     monkeypatch.setattr(RemoteOutput, "publish_shard", refuse_the_second)
+    # Slow images (12 s for all at --concurrency 2): the refusal, noticed within a poll of
+    # the shard's end, comes long before the rest would be staged, however loaded the machine.
+    server.delay_s = 0.4
     urls = url_list(server, tmp_path / "urls.parquet", count=60)
     args = download_args(str(urls), f"{bucket}/shards")
     args[args.index("--shard-size") + 1] = "2"
