@@ -345,10 +345,12 @@ def test_a_lease_taken_by_another_run_is_noticed(bucket: str, monkeypatch):
     output = storage.RemoteOutput(f"{bucket}/out")
     with output.lease() as lease:
         lease.check()
+        # The other run holds it as runs do: renewing it (a lone write could be overwritten by
+        # a renewal that read the lease just before it: no conditional writes, see README).
         taken = {"holder": "elsewhere:1:x", "expires": time.time() + 60}
-        s3().pipe_file(f"{bucket}/out/.lease.json", json.dumps(taken).encode())
         deadline = time.monotonic() + 30
         while not lease.lost.is_set() and time.monotonic() < deadline:
+            s3().pipe_file(f"{bucket}/out/.lease.json", json.dumps(taken).encode())
             time.sleep(0.05)
         with pytest.raises(UserError, match="lost its lease"):
             lease.check()
