@@ -237,11 +237,13 @@ def trained_run(shape_features: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(s3_server: str) -> Iterator[None]:
-    """A Ray cluster of this test run: 2 CPUs, a small object store, no dashboard, every
+    """A Ray cluster for one test module: 2 CPUs, a small object store, no dashboard, every
     listener on 127.0.0.1. vlmdata's ``--distributor ray`` joins it (Ray is initialised).
-    Started after the S3 server: its workers inherit the endpoint and credentials."""
+    Started after the S3 server: its workers inherit the endpoint and credentials. Shut down
+    with the module, so the rest of the run is not a Ray driver (Ray's threads and the object
+    store's shared memory stay out of every other test's process)."""
     ray = pytest.importorskip("ray")
     import logging
 
