@@ -200,9 +200,26 @@ def test_encode_from_s3_to_s3_writes_the_local_features(server, bucket: str, tmp
     assert "Nothing to do" in invoke(["encode", f"{bucket}/dl", f"{bucket}/enc", *encode]).output
 
 
-def test_commands_without_object_store_support_refuse_a_url(tmp_path: Path):
-    line = one_error_line(RUNNER.invoke(app, ["report", "s3://bucket/run"]))
-    assert "this command reads and writes local paths" in line
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        (["report", "s3://bucket/run"], "DIR s3://bucket/run"),
+        (["train", "s3://b/features", "--llm", "tiny-random-llama", "--out", "run"],
+         "FEATURES_DIR s3://b/features"),
+        (["train", "features", "--llm", "tiny-random-llama", "--out", "gs://b/run"],
+         "--out gs://b/run"),
+        (["train", "features", "--llm", "tiny-random-llama", "--out", "run", "--init", "s3://b/r"],
+         "--init s3://b/r"),
+        (["eval", "s3://b/run", "features"], "RUN_DIR s3://b/run"),
+        (["eval", "run", "s3://b/features"], "FEATURES_DIR s3://b/features"),
+        (["caption", "s3://b/run", "a.jpg"], "RUN_DIR s3://b/run"),
+        (["caption", "run", "a.jpg", "--json", "s3://b/c.json"], "--json s3://b/c.json"),
+    ],
+)  # fmt: skip
+def test_commands_without_object_store_support_refuse_a_url(command, named, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(RUNNER.invoke(app, command))
+    assert f"{named}: this command reads and writes local paths; copy it to a local" in line
 
 
 def test_an_unknown_protocol_is_one_line(tmp_path: Path):

@@ -186,8 +186,9 @@ def path_argument(text: str, name: str = "OUTPUT_DIR") -> Path:
         raise UserError(f"{name} is empty; pass a directory")
     if is_url(text):
         raise UserError(
-            f"{name} {text}: this command reads and writes local paths; object-store URLs "
-            "work for download, preprocess, encode and labels classify"
+            f"{name} {text}: this command reads and writes local paths; copy it to a local "
+            "path first (object-store URLs work for download, preprocess, encode and labels "
+            "classify)"
         )
     return Path(text)
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vlmdata.errors import UserError, one_line, require_at_least, require_finite
+from vlmdata.pipeline.runner import path_argument
 from vlmdata.train.checkpoints import load_trained
 from vlmdata.train.data import collate
 from vlmdata.train.sequence import Encoded
@@ -189,6 +190,9 @@ class CaptionConfig:
     json_out: str | None = None
 
     def __post_init__(self) -> None:
+        path_argument(self.run_dir, "RUN_DIR")
+        if self.json_out:
+            path_argument(self.json_out, "--json")
         if not self.images:
             raise UserError("pass at least one IMAGE (a file or an http(s) URL)")
         require_at_least(1, num=self.num, max_new_tokens=self.max_new_tokens,

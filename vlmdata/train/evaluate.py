@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from vlmdata.errors import UserError, require_at_least
+from vlmdata.pipeline.runner import path_argument
 from vlmdata.pipeline.shards import PLAN, atomic_write_bytes, atomic_write_json, read_state_json
 from vlmdata.train.caption import Captioner, check_prompt
 from vlmdata.train.caption_metrics import METRIC_NAMES, METRICS, caption_scores
@@ -71,6 +72,11 @@ class EvalConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        path_argument(self.run_dir, "RUN_DIR")
+        path_argument(self.features_dir, "FEATURES_DIR")
+        for name, path in (("--images", self.images), ("--out", self.out)):
+            if path:  # empty: not given
+                path_argument(path, name)
         require_at_least(1, samples=self.samples, max_new_tokens=self.max_new_tokens,
                          batch_size=self.batch_size)  # fmt: skip
         check_prompt(self.prompt)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from vlmdata import __version__
 from vlmdata.encode.models import PRECISIONS, resolve_device, resolve_precision
 from vlmdata.errors import UserError, one_line, require_at_least, require_finite
-from vlmdata.pipeline.runner import check_output_location
+from vlmdata.pipeline.runner import check_output_location, path_argument
 from vlmdata.pipeline.shards import (
     atomic_write_json,
     exclusive_output,
@@ -144,6 +144,12 @@ class TrainConfig:
             raise UserError(f"--precision must be one of {choices}, got {self.precision!r}")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be in [0, 2**63), got {self.seed}")
+        for features in self.features:
+            path_argument(features, "FEATURES_DIR")
+        path_argument(self.out, "--out")
+        for name, path in (("--init", self.init), ("--data", self.data)):
+            if path:  # empty: not given
+                path_argument(path, name)
         if Path(self.llm).is_dir():  # recorded absolute: caption and --init run from elsewhere
             self.llm = str(Path(self.llm).resolve())
         if not self.prompts or not all(p.strip() for p in self.prompts):
