@@ -200,6 +200,32 @@ def test_encode_from_s3_to_s3_writes_the_local_features(server, bucket: str, tmp
     assert "Nothing to do" in invoke(["encode", f"{bucket}/dl", f"{bucket}/enc", *encode]).output
 
 
+def test_a_resume_reads_the_shard_markers_together(server, bucket, tmp_path, monkeypatch):
+    """A resume of CapsFusion's 11,000 published shards read their markers one GET after
+    another (minutes on S3); the store is now asked for all of them at once."""
+    import s3fs
+
+    urls = url_list(server, tmp_path / "urls.parquet")
+    out = f"{bucket}/shards"
+    invoke(download_args(str(urls), out))  # 4 shards
+    reads = {"now": 0, "most": 0, "markers": 0}
+    read_object = s3fs.S3FileSystem._cat_file
+
+    async def counted(self, path, *args, **kwargs):
+        reads["now"] += 1
+        reads["most"] = max(reads["most"], reads["now"])
+        reads["markers"] += path.endswith(".stats.json") and not path.endswith("/stats.json")
+        try:
+            return await read_object(self, path, *args, **kwargs)
+        finally:
+            reads["now"] -= 1
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counted)
+    assert "Nothing to do" in invoke(download_args(str(urls), out)).output
+    assert reads["markers"] == 4  # each marker read once
+    assert reads["most"] >= 4  # together
+
+
 @pytest.mark.parametrize(
     ("command", "named"),
     [

@@ -73,6 +73,7 @@ class Stage:
     # each marker once however many steps ask; a resume of a 28M-row input asks for 2,800.
     _found: dict[str, dict | None] = field(default_factory=dict, init=False, repr=False)
     _listing: dict[str, int] | None = field(default=None, init=False, repr=False)
+    _markers: dict[str, bytes] | None = field(default=None, init=False, repr=False)
 
     @property
     def location(self) -> str:
@@ -97,7 +98,9 @@ class Stage:
         else:
             if self._listing is None:
                 self._listing = self.remote.listing()
-            stats = self.remote.complete_stats(name, self.data_files, self._listing)
+                self._markers = self.remote.read_markers(self._listing)
+            stats = self.remote.complete_stats(name, self.data_files, self._listing,
+                                               self._markers)  # fmt: skip
         if stats is not None and self.input_markers is not None:
             stats = stats if stats.get("input") == self.input_markers.get(name) else None
         self._found[name] = stats
@@ -106,7 +109,7 @@ class Stage:
     def look_again(self) -> None:
         """Forget what this run found of every shard (a reopen changed some)."""
         self._found.clear()
-        self._listing = None
+        self._listing = self._markers = None
 
     def save_state(self, name: str, value: dict) -> None:
         """Write the state file ``name`` (stats.json) of the output."""
