@@ -200,52 +200,85 @@ def test_encode_from_s3_to_s3_writes_the_local_features(server, bucket: str, tmp
     assert "Nothing to do" in invoke(["encode", f"{bucket}/dl", f"{bucket}/enc", *encode]).output
 
 
+def _patch_object_reads(monkeypatch, read) -> None:
+    """Route every object read of s3fs through ``read(original, self, path, ...)``. fsspec
+    binds each instance's sync methods when it is made: cached instances go first."""
+    import s3fs
+
+    original = s3fs.S3FileSystem._cat_file
+
+    async def patched(self, path, *args, **kwargs):
+        return await read(original, self, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", patched)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_a_resume_reads_the_shard_markers_together(server, bucket, tmp_path, monkeypatch):
     """A resume of CapsFusion's 11,000 published shards read their markers one GET after
     another (minutes on S3); the store is now asked for all of them at once."""
-    import s3fs
-
     urls = url_list(server, tmp_path / "urls.parquet")
     out = f"{bucket}/shards"
     invoke(download_args(str(urls), out))  # 4 shards
     reads = {"now": 0, "most": 0, "markers": 0}
-    read_object = s3fs.S3FileSystem._cat_file
 
-    async def counted(self, path, *args, **kwargs):
+    async def counted(original, self, path, *args, **kwargs):
         reads["now"] += 1
         reads["most"] = max(reads["most"], reads["now"])
         reads["markers"] += path.endswith(".stats.json") and not path.endswith("/stats.json")
         try:
-            return await read_object(self, path, *args, **kwargs)
+            return await original(self, path, *args, **kwargs)
         finally:
             reads["now"] -= 1
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counted)
+    _patch_object_reads(monkeypatch, counted)
     assert "Nothing to do" in invoke(download_args(str(urls), out)).output
     assert reads["markers"] == 4  # each marker read once
     assert reads["most"] >= 4  # together
 
 
+def test_a_marker_the_store_refuses_is_named_in_one_line(server, bucket, tmp_path, monkeypatch):
+    urls = url_list(server, tmp_path / "urls.parquet")
+    out = f"{bucket}/shards"
+    invoke(download_args(str(urls), out))
+
+    async def refuse_one(original, self, path, *args, **kwargs):
+        if path.endswith("/00001.stats.json"):
+            raise PermissionError("Access Denied")
+        return await original(self, path, *args, **kwargs)
+
+    _patch_object_reads(monkeypatch, refuse_one)
+    line = one_error_line(RUNNER.invoke(app, download_args(str(urls), out)))
+    assert f"cannot read {out}/00001.stats.json (PermissionError: Access Denied)" in line
+
+
 @pytest.mark.parametrize(
-    ("command", "named"),
+    ("command", "named", "fix"),
     [
-        (["report", "s3://bucket/run"], "DIR s3://bucket/run"),
+        (["report", "s3://bucket/run"], "DIR s3://bucket/run", "copy it to a local path"),
         (["train", "s3://b/features", "--llm", "tiny-random-llama", "--out", "run"],
-         "FEATURES_DIR s3://b/features"),
+         "FEATURES_DIR s3://b/features", "copy it to a local path"),
         (["train", "features", "--llm", "tiny-random-llama", "--out", "gs://b/run"],
-         "--out gs://b/run"),
+         "--out gs://b/run", "write to a local path and copy it up"),
         (["train", "features", "--llm", "tiny-random-llama", "--out", "run", "--init", "s3://b/r"],
-         "--init s3://b/r"),
-        (["eval", "s3://b/run", "features"], "RUN_DIR s3://b/run"),
-        (["eval", "run", "s3://b/features"], "FEATURES_DIR s3://b/features"),
-        (["caption", "s3://b/run", "a.jpg"], "RUN_DIR s3://b/run"),
-        (["caption", "run", "a.jpg", "--json", "s3://b/c.json"], "--json s3://b/c.json"),
+         "--init s3://b/r", "copy it to a local path"),
+        (["eval", "s3://b/run", "features"], "RUN_DIR s3://b/run", "copy it to a local path"),
+        (["eval", "run", "s3://b/features"], "FEATURES_DIR s3://b/features",
+         "copy it to a local path"),
+        (["caption", "s3://b/run", "a.jpg"], "RUN_DIR s3://b/run", "copy it to a local path"),
+        (["caption", "run", "a.jpg", "--json", "s3://b/c.json"], "--json s3://b/c.json",
+         "write to a local path and copy it up"),
+        (["eval", "run", "features", "--out", "s3://b/e"], "--out s3://b/e",
+         "write to a local path and copy it up"),
+        (["report", "run", "--out", "s3://b/r.html"], "--out s3://b/r.html",
+         "write to a local path and copy it up"),
     ],
 )  # fmt: skip
-def test_commands_without_object_store_support_refuse_a_url(command, named, tmp_path, monkeypatch):
+def test_commands_without_object_store_support_refuse_a_url(command, named, fix, tmp_path,
+                                                          monkeypatch):  # fmt: skip
     monkeypatch.chdir(tmp_path)
     line = one_error_line(RUNNER.invoke(app, command))
-    assert f"{named}: this command reads and writes local paths; copy it to a local" in line
+    assert f"{named}: this command reads and writes local paths; {fix} (object-store" in line
 
 
 def test_an_unknown_protocol_is_one_line(tmp_path: Path):

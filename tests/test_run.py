@@ -200,6 +200,27 @@ def test_a_pipeline_may_start_from_features(tmp_path):
                             "vlmdata report o"]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("text", "flags", "said"),
+    [
+        ("[encode]\nmodel = 'x'\n", ["--input", "shards", "--output", "s3://b/pipe"],
+         "output s3://b/pipe: this command reads and writes local paths; write to a local"),
+        ("[train]\nllm = 'x'\n", ["--input", "s3://b/features", "--output", "o"],
+         "input s3://b/features: this command reads and writes local paths; copy it to a"),
+    ],
+)  # fmt: skip
+def test_an_object_store_url_where_the_pipeline_needs_a_path_is_refused(
+    text, flags, said, tmp_path, monkeypatch
+):
+    """The pipeline's output became a local directory named "s3:" (Path squeezes "//")."""
+    monkeypatch.chdir(tmp_path)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(text)
+    line = one_error_line(runner.invoke(app, ["run", str(pipeline), "--dry-run", *flags]))
+    assert said in line
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_an_option_set_twice_is_refused(tmp_path, images):
     pipeline, _ = _pipeline(tmp_path, images)
     pipeline.write_text(

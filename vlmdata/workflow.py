@@ -28,6 +28,7 @@ from vlmdata.configfile import (
     write_record,
 )
 from vlmdata.errors import UserError
+from vlmdata.pipeline.runner import path_argument
 
 # The stages in the order they run; a pipeline runs those it has a table for.
 STAGES = ("download", "preprocess", "encode", "labels", "train", "eval")
@@ -124,7 +125,11 @@ def plan_pipeline(config: RunConfig, app: typer.core.TyperGroup) -> Pipeline:
                         "(vlmdata run --print-config shows them all)")  # fmt: skip
     if not source and stages[0] in (*IMAGE_STAGES, "encode"):
         raise UserError(f'{where} has no input; add input = "PATH" or pass --input PATH')
-    out = Path(root)
+    # The pipeline directory is local (train, eval and the report need one); the first stage
+    # may read an object-store URL when it is a stage that can.
+    out = path_argument(root, "output", written=True)
+    if source and stages[0] in ("train", "eval"):
+        path_argument(source, "input")
     wiring = Wiring.of(stages, source, out)
     steps = []
     for name, arguments, wired, table in _commands(stages, pipeline, wiring):

@@ -109,7 +109,9 @@ def run_report(config: ReportConfig) -> ReportSummary:
     started = time.monotonic()
     run = open_labels(path_argument(config.labels_dir, "LABELS_DIR"), config.allow_incomplete)
     images = open_image_shards(path_argument(config.images, "--images"))
-    out = path_argument(config.out, "--out") if config.out is not None else run.path / "report"
+    out = run.path / "report"
+    if config.out is not None:
+        out = path_argument(config.out, "--out", written=True)
     check_report_location(out, run.path, images.path)
     options = SummaryOptions(config.examples, config.least_confident, config.placeholders,
                              config.placeholder_category)  # fmt: skip

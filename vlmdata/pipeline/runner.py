@@ -158,8 +158,10 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
         if done and not stage.reopen:
             return done
         _mark_incomplete(stage)  # from here on, no reader may take the output for complete
-        retried = stage.reopen(stage) if stage.reopen else 0
-        stage.look_again()  # what reopen looked at, it may have changed
+        retried = 0
+        if stage.reopen:
+            retried = stage.reopen(stage)
+            stage.look_again()  # what reopen looked at, it may have changed
         if done and not retried:
             stage.save_state(ROOT_STATS, done.totals)  # nothing reopened: still complete
             return done
@@ -181,17 +183,17 @@ def run_stage(stage: Stage, shards: Callable[[Stage], Iterable[S]], work: Work) 
         return close_run(stage, planned, progress, started, retried)
 
 
-def path_argument(text: str, name: str = "OUTPUT_DIR") -> Path:
-    """A directory argument as a path; an empty one is refused (``Path("")`` would mean ``.``),
-    and so is an object-store URL (the commands that take one read it with
-    :func:`output_location` or :func:`input_location`)."""
+def path_argument(text: str, name: str = "OUTPUT_DIR", written: bool = False) -> Path:
+    """A directory argument (one this command writes, if ``written``) as a path; an empty one
+    is refused (``Path("")`` would mean ``.``), and so is an object-store URL (the commands
+    that take one read it with :func:`output_location` or :func:`input_location`)."""
     if not str(text).strip():
         raise UserError(f"{name} is empty; pass a directory")
     if is_url(text):
+        fix = "write to a local path and copy it up" if written else "copy it to a local path"
         raise UserError(
-            f"{name} {text}: this command reads and writes local paths; copy it to a local "
-            "path first (object-store URLs work for download, preprocess, encode and labels "
-            "classify)"
+            f"{name} {text}: this command reads and writes local paths; {fix} (object-store "
+            "URLs work for download, preprocess, encode and labels classify)"
         )
     return Path(text)
 
@@ -202,7 +204,7 @@ def output_location(
     """Where a stage writes: a directory, or the staging directory of an object-store URL
     (refused when it is, sits inside or holds one of the ``inputs`` URLs)."""
     if not is_url(text):
-        return path_argument(text, name), None
+        return path_argument(text, name, written=True), None
     target = text.rstrip("/") + "/"
     for source in (s.rstrip("/") + "/" for s in inputs if is_url(s)):
         if target.startswith(source) or source.startswith(target):

@@ -189,36 +189,34 @@ class RemoteOutput:
         names = [name for name in listing if name.endswith(_MARKER)]
         if not names:
             return {}
-        markers = {}
         with store_errors("read", f"{self.url}/*{_MARKER}"):
             # cat_ranges, not cat: it takes the keys literally (cat globs a "[" in a name).
             found = self.fs.cat_ranges([self.key(name) for name in names], None, None)
-            for name, value in zip(names, found, strict=True):
-                if isinstance(value, FileNotFoundError):
-                    continue
-                if isinstance(value, BaseException):
+        markers = {}
+        for name, value in zip(names, found, strict=True):
+            if isinstance(value, FileNotFoundError):
+                continue
+            if isinstance(value, BaseException):
+                with store_errors("read", f"{self.url}/{name}"):
                     raise value
-                markers[name] = value
+            markers[name] = value
         return markers
 
     def complete_stats(self, name: str, data_files: tuple[str, ...], listing: dict[str, int],
-                       markers: dict[str, bytes] | None = None) -> dict | None:  # fmt: skip
+                       markers: dict[str, bytes]) -> dict | None:  # fmt: skip
         """Shard ``name``'s stats when it is published whole: marker and data files listed, the
-        data files of the sizes the marker records. None otherwise. ``markers``: what
-        :meth:`read_markers` read of the same listing (else the marker is read now)."""
+        data files of the sizes the marker records. None otherwise. ``listing`` and
+        ``markers``: what :meth:`listing` and :meth:`read_markers` found."""
         files = ShardFiles(Path("."), name)
-        if files.stats.name not in listing or any(
+        if files.stats.name not in markers or any(
             files.data(s).name not in listing for s in data_files
         ):
             return None
         try:
-            if markers is not None and files.stats.name in markers:
-                stats = self._state(files.stats.name, markers[files.stats.name])
-            else:
-                stats = self.read_json(files.stats.name)
+            stats = self._state(files.stats.name, markers[files.stats.name])
         except UserError:
             return None  # a damaged marker marks nothing: the shard is done again
-        if stats is None or not isinstance(stats.get("rows"), int):
+        if not isinstance(stats.get("rows"), int):
             return None
         sizes = stats.get("sizes")
         if not isinstance(sizes, dict) or any(

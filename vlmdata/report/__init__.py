@@ -49,8 +49,10 @@ def write_report(config: ReportConfig) -> ReportSummary:
     """Write the report of ``config.path`` to ``config.out``; return what it shows."""
     started = time.monotonic()
     path = path_argument(config.path, "DIR")
+    out = path / PAGE
+    if config.out is not None:
+        out = path_argument(config.out, "--out", written=True)
     found = found_in(path)
-    out = path_argument(config.out, "--out") if config.out is not None else path / PAGE
     _check_page_location(out)
     with charts.drawing():
         sections = [section(kind, where, out.parent, config.quiet) for kind, where in found]

@@ -192,7 +192,7 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         path_argument(self.run_dir, "RUN_DIR")
         if self.json_out:
-            path_argument(self.json_out, "--json")
+            path_argument(self.json_out, "--json", written=True)
         if not self.images:
             raise UserError("pass at least one IMAGE (a file or an http(s) URL)")
         require_at_least(1, num=self.num, max_new_tokens=self.max_new_tokens,

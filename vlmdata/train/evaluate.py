@@ -74,9 +74,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         path_argument(self.run_dir, "RUN_DIR")
         path_argument(self.features_dir, "FEATURES_DIR")
-        for name, path in (("--images", self.images), ("--out", self.out)):
-            if path:  # empty: not given
-                path_argument(path, name)
+        if self.images:  # empty: not given
+            path_argument(self.images, "--images")
+        if self.out:
+            path_argument(self.out, "--out", written=True)
         require_at_least(1, samples=self.samples, max_new_tokens=self.max_new_tokens,
                          batch_size=self.batch_size)  # fmt: skip
         check_prompt(self.prompt)

@@ -146,7 +146,7 @@ class TrainConfig:
             raise UserError(f"--seed must be in [0, 2**63), got {self.seed}")
         for features in self.features:
             path_argument(features, "FEATURES_DIR")
-        path_argument(self.out, "--out")
+        path_argument(self.out, "--out", written=True)
         for name, path in (("--init", self.init), ("--data", self.data)):
             if path:  # empty: not given
                 path_argument(path, name)
