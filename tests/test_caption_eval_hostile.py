@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_error_line
 from vlmdata.cli import app
 from vlmdata.train.model import VisionLanguageModel
 
@@ -110,3 +111,29 @@ def test_more_captions_than_a_batch_are_generated_in_rounds(
     assert result.exit_code == 0, result.output
     assert max(rows) <= 4 and sum(rows) == 12
     assert sum(line.count(" [") for line in result.output.splitlines()) == 12
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["eval", "{run}", "{features}", "--out", ""], "--out is empty; pass a path"),
+        (["eval", "{run}", "{features}", "--images", ""], "--images is empty; pass a path"),
+        (["caption", "{run}", "a.jpg", "--json", ""], "--json is empty; pass a path"),
+        (["train", "{features}", "--llm", "tiny-random-llama", "--out", "o", "--init", ""],
+         "--init is empty; pass a path"),
+        (["train", "{features}", "--llm", "tiny-random-llama", "--out", "o", "--data", ""],
+         "--data is empty; pass a path"),
+        (["train", "{features}", "--llm", "", "--out", "o"],
+         "--llm is empty; pass a model directory or a hub id"),
+    ],
+)  # fmt: skip
+def test_an_empty_path_option_is_refused_not_taken_as_unset(command, said, trained_run,
+                                                            shape_features, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    """eval --out '' wrote to the default place and train --init '' started from scratch,
+    while ' ' was refused; --llm '' loaded the current directory."""
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(run=trained_run, features=shape_features) for a in command]
+    line = one_error_line(runner.invoke(app, args))
+    assert said in line
+    assert not (tmp_path / "o").exists()

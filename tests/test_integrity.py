@@ -15,8 +15,10 @@ import h5py
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
-from conftest import LoopbackServer, make_image
+from conftest import LoopbackServer, make_image, one_error_line
+from vlmdata.cli import app
 from vlmdata.encode.stage import EncodeConfig, run_encode
 from vlmdata.errors import UserError
 from vlmdata.pipeline import download as download_module
@@ -259,6 +261,20 @@ def test_output_overlapping_the_input_is_refused(downloaded, tmp_path):
         download(downloaded.parent / "urls.parquet", tmp_path)  # OUT holds the URL list
     with pytest.raises(UserError, match="OUTPUT_DIR is empty"):
         preprocess(downloaded, "")
+
+
+@pytest.mark.parametrize("blocked", ["00001.stats.json", "00001.tar"])
+def test_a_directory_where_a_shard_file_goes_is_one_line(downloaded, blocked):
+    """It was an internal error (IsADirectoryError when the redone shard was written)."""
+    path = downloaded / blocked
+    path.unlink()
+    (path / "mine").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["download", str(downloaded.parent / "urls.parquet"),
+                                      str(downloaded), "--shard-size", str(SHARD),
+                                      "--caption-col", "caption", "--allow-private-network",
+                                      "--retries", "0", "--quiet"])  # fmt: skip
+    assert f"{path} is a directory where the shard's file goes" in one_error_line(result)
+    assert (path / "mine").is_dir()  # not ours: left as it was
 
 
 def test_a_deleted_plan_makes_the_shards_foreign(server, downloaded):

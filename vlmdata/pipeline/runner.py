@@ -188,7 +188,7 @@ def path_argument(text: str, name: str = "OUTPUT_DIR", written: bool = False) ->
     is refused (``Path("")`` would mean ``.``), and so is an object-store URL (the commands
     that take one read it with :func:`output_location` or :func:`input_location`)."""
     if not str(text).strip():
-        raise UserError(f"{name} is empty; pass a directory")
+        raise UserError(f"{name} is empty; pass a path")
     if is_url(text):
         fix = "write to a local path and copy it up" if written else "copy it to a local path"
         raise UserError(
@@ -337,6 +337,10 @@ def _discard_stale(stage: Stage, files: ShardFiles) -> None:
     """Before an unfinished shard is redone, drop what would be trusted wrongly: a marker whose
     data files are gone (or that an input rewritten since invalidates) and the pending retry
     of a shard whose tar is gone. Appended work in progress is kept: it resumes."""
+    for path in (files.stats, *(files.data(suffix) for suffix in stage.data_files)):
+        if path.is_dir():  # not ours to remove, and no file can be written in its place
+            raise UserError(f"{path} is a directory where the shard's file goes; move it "
+                            "away, then rerun the same command")  # fmt: skip
     # A marker there, yet not complete: made from an older state of the input, or damaged.
     stale_input = stage.input_markers is not None and files.stats.exists()
     missing = not all(files.data(suffix).exists() for suffix in stage.data_files)

@@ -191,7 +191,7 @@ class CaptionConfig:
 
     def __post_init__(self) -> None:
         path_argument(self.run_dir, "RUN_DIR")
-        if self.json_out:
+        if self.json_out is not None:
             path_argument(self.json_out, "--json", written=True)
         if not self.images:
             raise UserError("pass at least one IMAGE (a file or an http(s) URL)")

@@ -74,9 +74,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         path_argument(self.run_dir, "RUN_DIR")
         path_argument(self.features_dir, "FEATURES_DIR")
-        if self.images:  # empty: not given
+        if self.images is not None:
             path_argument(self.images, "--images")
-        if self.out:
+        if self.out is not None:
             path_argument(self.out, "--out", written=True)
         require_at_least(1, samples=self.samples, max_new_tokens=self.max_new_tokens,
                          batch_size=self.batch_size)  # fmt: skip

@@ -148,8 +148,10 @@ class TrainConfig:
             path_argument(features, "FEATURES_DIR")
         path_argument(self.out, "--out", written=True)
         for name, path in (("--init", self.init), ("--data", self.data)):
-            if path:  # empty: not given
+            if path is not None:
                 path_argument(path, name)
+        if not self.llm.strip():  # Path("") is the current directory
+            raise UserError("--llm is empty; pass a model directory or a hub id")
         if Path(self.llm).is_dir():  # recorded absolute: caption and --init run from elsewhere
             self.llm = str(Path(self.llm).resolve())
         if not self.prompts or not all(p.strip() for p in self.prompts):
